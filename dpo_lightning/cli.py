@@ -1,0 +1,54 @@
+"""Command line: ``python -m dpo_lightning {fit,validate,test} --config ...`` and ``export``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from jsonargparse import CLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import PreferenceDataModule
+from .export import HFExport, export_checkpoint
+from .module import DPOModule
+
+EXTRA_COMMANDS = {"export": export_checkpoint}
+
+
+class DPOLightningCLI(LightningCLI):
+    """LightningCLI with the settings that must agree linked, and HF export and checkpointing built in."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(HFExport, "export")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)  # DPO has nothing to predict; generation lives in the export
+        return commands
+
+
+def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:])
+        return None
+    # the frozen reference stays in eval mode on purpose; Lightning's generic warning about it is noise
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts on Ampere and newer
+    return DPOLightningCLI(
+        DPOModule,
+        PreferenceDataModule,
+        auto_configure_optimizers=False,
+        seed_everything_default=42,
+        trainer_defaults={"max_epochs": 1, "callbacks": [LearningRateMonitor(logging_interval="step")]},
+        args=argv,
+    )

@@ -1,0 +1,231 @@
+"""PreferenceDataModule: preference rows -> tokenized pairs -> ``(2B, T)`` batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from typing import Optional, TypedDict
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .formats import PreferenceDataError, fingerprint_source, normalize_row, read_rows
+from .tokenize import tokenize_pair
+
+_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class PreferenceBatch(TypedDict):
+    """The one batch contract. ``B`` pairs; chosen rows ``[:B]``, rejected rows ``[B:]``."""
+
+    input_ids: Tensor  # (2B, T) prompt + response, right-padded with pad_token_id
+    attention_mask: Tensor  # (2B, T) 1 on real tokens
+    loss_mask: Tensor  # (2B, T) 1 on response tokens: the tokens whose log-probs are summed
+
+
+class PreferenceCollator:
+    """Pads tokenized pairs into one :class:`PreferenceBatch`.
+
+    Worked example, ``pad_token_id=0``::
+
+        >>> collate = PreferenceCollator(pad_token_id=0)
+        >>> batch = collate([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+        ...                  {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}])
+        >>> batch["input_ids"].tolist()
+        [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
+        >>> batch["attention_mask"].tolist()
+        [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+        >>> batch["loss_mask"].tolist()
+        [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> PreferenceBatch:
+        rows = [(e["prompt_ids"], e[side]) for side in ("chosen_ids", "rejected_ids") for e in examples]
+        width = max(len(p) + len(c) for p, c in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (prompt, completion) in enumerate(rows):
+            n_prompt, n = len(prompt), len(prompt) + len(completion)
+            input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+            attention_mask[i, :n] = 1
+            loss_mask[i, n_prompt:n] = 1
+        return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],
+                  max_prompt_length: Optional[int], rows: Optional[list] = None) -> tuple[list[dict], Counter]:
+    """Read, normalise and tokenize every row of ``path``; returns the kept pairs and the counts of what
+    happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``)."""
+    rows = read_rows(path, split) if rows is None else rows
+    counts: Counter = Counter(read=len(rows))
+    kept = []
+    for where, raw in tqdm(rows, desc=f"Tokenizing {os.path.basename(path) or path}", disable=len(rows) < 2000):
+        pair = normalize_row(raw, where)
+        if pair.identical:
+            counts["dropped: chosen identical to rejected"] += 1
+            continue
+        tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length)
+        if tok is None:
+            counts[f"dropped: prompt leaves no room within max_length {max_length}"] += 1
+            continue
+        counts["truncated: prompt cut to max_prompt_length"] += tok.prompt_truncated
+        counts["truncated: response cut to max_length"] += tok.completion_truncated
+        counts["note: template renders the prompt differently inside the conversation"] += tok.boundary_mismatch
+        kept.append({c: getattr(tok, c) for c in _COLUMNS})
+    if not kept:
+        raise PreferenceDataError(f"{path}: no usable pairs ({summarize(counts)})")
+    return kept, counts
+
+
+def summarize(counts: Counter) -> str:
+    """One line: how many pairs were read and kept, and why any were dropped or truncated."""
+    dropped = sum(v for k, v in counts.items() if k.startswith("dropped"))
+    details = ", ".join(f"{k.split(': ', 1)[1]}: {v}" for k, v in sorted(counts.items()) if ": " in k and v)
+    return f"{counts['read']} read, {counts['read'] - dropped} kept" + (f" ({details})" if details else "")
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference pairs from local files (JSON/JSONL/Parquet/CSV), a ``save_to_disk`` directory or a hub data set.
+
+    Args:
+        train_path: training data: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a ``datasets`` directory
+            saved with ``save_to_disk``, or a Hugging Face Hub data set name.
+        tokenizer_name_or_path: tokenizer to use; linked to ``model.model_name_or_path`` by the CLI.
+        val_path: validation data (same forms as ``train_path``). If unset, ``val_fraction`` of the training
+            rows is held out instead.
+        val_fraction: share of training rows held out for validation when ``val_path`` is unset (seeded).
+        split_seed: seed of that hold-out split.
+        train_split: split name for ``save_to_disk`` dataset dicts and hub data sets.
+        val_split: split name for ``val_path`` (hub data sets and dataset dicts).
+        max_length: maximum prompt + response tokens (see the truncation policy in ``tokenize.py``).
+        max_prompt_length: maximum prompt tokens; longer prompts keep their end.
+        batch_size: pairs per device per step (each step runs ``2 * batch_size`` sequences).
+        val_batch_size: pairs per validation step; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        pad_to_multiple_of: pad sequence length to a multiple of this (8 helps tensor cores).
+        cache_dir: where tokenized data is cached, keyed by data content, tokenizer and settings;
+            ``None`` disables caching.
+        trust_remote_code: allow tokenizer code from the model repository to run.
+    """
+
+    def __init__(self, train_path: str, tokenizer_name_or_path: str, val_path: Optional[str] = None,
+                 val_fraction: float = 0.0, split_seed: int = 42, train_split: str = "train",
+                 val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
+                 batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
+                 pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
+                 trust_remote_code: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+            raise ValueError(f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
+                             f"({max_length}) to leave room for the response")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self.train_pairs: Optional[list[dict]] = None
+        self.val_pairs: Optional[list[dict]] = None
+
+    # ------------------------------------------------------------------------------------------- setup
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            tok = AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path,
+                                                trust_remote_code=self.hparams.trust_remote_code)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self.tokenizer = tok
+        return self.tokenizer
+
+    def _cache_path(self, name: str, path: str, split: str, extra: str = "") -> Optional[str]:
+        if self.hparams.cache_dir is None:
+            return None
+        source = fingerprint_source(path, split)
+        if not source:
+            return None
+        tok = self.tokenizer
+        key = json.dumps([source, extra, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
+                          tok.chat_template, tok.eos_token, self.hparams.max_length, self.hparams.max_prompt_length,
+                          "v1"])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", f"{name}-{digest}.json")
+
+    def _load(self, name: str, path: str, split: str, rows: Optional[list] = None, extra: str = "") -> list[dict]:
+        cache = self._cache_path(name, path, split, extra)
+        if cache and os.path.exists(cache):
+            with open(cache) as f:
+                blob = json.load(f)
+            pairs, counts = blob["pairs"], Counter(blob["counts"])
+            origin = "cached"
+        else:
+            pairs, counts = tokenize_rows(path, split, self.tokenizer, self.hparams.max_length,
+                                          self.hparams.max_prompt_length, rows)
+            origin = "tokenized"
+            if cache:
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                tmp = f"{cache}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"pairs": pairs, "counts": dict(counts)}, f)
+                os.replace(tmp, cache)  # atomic: concurrent ranks never read half a file
+        rank_zero_info(f"[dpo_lightning] {name} data {path} ({origin}): {summarize(counts)}")
+        return pairs
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_pairs is not None or self.val_pairs is not None:
+            return
+        hp = self.hparams
+        self.load_tokenizer()
+        if hp.val_path is None and hp.val_fraction > 0:
+            rows = read_rows(hp.train_path, hp.train_split)
+            order = list(range(len(rows)))
+            random.Random(hp.split_seed).shuffle(order)
+            n_val = max(1, round(len(rows) * hp.val_fraction))
+            val_rows = [rows[i] for i in sorted(order[:n_val])]
+            train_rows = [rows[i] for i in sorted(order[n_val:])]
+            split_key = f"fraction={hp.val_fraction},seed={hp.split_seed}"
+            self.val_pairs = self._load("val", hp.train_path, hp.train_split, val_rows, "val:" + split_key)
+            if stage in (None, "fit"):
+                self.train_pairs = self._load("train", hp.train_path, hp.train_split, train_rows, "train:" + split_key)
+            return
+        if hp.val_path is not None:
+            self.val_pairs = self._load("val", hp.val_path, hp.val_split)
+        if stage in (None, "fit"):
+            self.train_pairs = self._load("train", hp.train_path, hp.train_split)
+
+    # ------------------------------------------------------------------------------------- dataloaders
+    def _collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_pairs, batch_size=self.hparams.batch_size, shuffle=True,
+                          collate_fn=self._collator(), num_workers=self.hparams.num_workers)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        if not self.val_pairs:
+            raise PreferenceDataError(f"{stage} needs validation data: set data.val_path or data.val_fraction")
+        return DataLoader(self.val_pairs, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          shuffle=False, collate_fn=self._collator(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if not self.val_pairs and fitting:
+            return []  # no validation configured: `fit` skips the loop, `validate` raises below
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

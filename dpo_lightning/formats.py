@@ -1,0 +1,218 @@
+"""Reading preference data and normalising each row to one (prompt, chosen, rejected) pair.
+
+Accepted row formats (the ones a TRL ``DPOTrainer`` user already has):
+
+* conversational, implicit prompt: ``chosen`` and ``rejected`` are message lists that share their leading
+  messages; the shared prefix is the prompt (the seed's system/user/assistant format);
+* conversational, explicit prompt: ``prompt`` is a message list, ``chosen``/``rejected`` are message lists
+  (or plain strings, taken as one assistant message);
+* standard: ``prompt``, ``chosen`` and ``rejected`` are strings; without ``prompt`` the longest common
+  character prefix of ``chosen`` and ``rejected`` is the prompt (Anthropic HH style), as TRL does.
+
+Every error names the file, the row (line number for JSON Lines) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+Messages = list[dict[str, str]]
+Text = Union[str, Messages]
+
+
+class PreferenceDataError(ValueError):
+    """Bad preference data; the message names the file, row and field."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One normalised preference pair. ``where`` locates the source row, e.g. ``data.jsonl line 7``."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+    @property
+    def identical(self) -> bool:
+        return self.chosen == self.rejected
+
+
+def _bad(where: str, field: str, problem: str) -> PreferenceDataError:
+    return PreferenceDataError(f"{where}: field '{field}': {problem}")
+
+
+def _check_messages(value: Any, where: str, field: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise _bad(where, field, f"expected a non-empty list of messages, got {type(value).__name__}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _bad(where, f"{field}[{i}]", f"expected a message dict, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise _bad(where, f"{field}[{i}].{key}", "missing")
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise _bad(where, f"{field}[{i}]", "'role' and 'content' must be strings")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_conversation(chosen: Messages, rejected: Messages, where: str) -> tuple[Messages, Messages, Messages]:
+    n = _common_prefix(chosen, rejected)
+    if n == len(chosen) and n == len(rejected):
+        return chosen[:-1], chosen[-1:], rejected[-1:]  # identical pair: caller decides what to do
+    if n == 0:
+        raise _bad(where, "chosen", "chosen and rejected share no leading message, so there is no prompt; "
+                   "add a 'prompt' field or start both with the same messages")
+    if n == len(chosen) or n == len(rejected):
+        field = "chosen" if n == len(chosen) else "rejected"
+        raise _bad(where, field, "empty completion: every message is part of the shared prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit-prompt rule for strings: common character prefix, not ending inside a trailing space."""
+    if chosen == rejected:
+        return "", chosen, rejected  # identical pair: caller decides what to do
+    n = _common_prefix(list(chosen), list(rejected))
+    if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
+    """Turn one raw row into a :class:`PreferencePair`, or raise :class:`PreferenceDataError`."""
+    if not isinstance(row, dict):
+        raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got "
+                                  f"{type(row).__name__}")
+    for field in ("chosen", "rejected"):
+        if field not in row or row[field] is None:
+            raise _bad(where, field, f"missing (fields present: {sorted(row)})")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(prompt, list):  # explicit conversational prompt
+        prompt = _check_messages(prompt, where, "prompt")
+        chosen, rejected = (
+            [{"role": "assistant", "content": v}] if isinstance(v, str) else _check_messages(v, where, f)
+            for f, v in (("chosen", chosen), ("rejected", rejected))
+        )
+    elif isinstance(chosen, list) or isinstance(rejected, list):
+        chosen = _check_messages(chosen, where, "chosen")
+        rejected = _check_messages(rejected, where, "rejected")
+        if prompt is not None:
+            raise _bad(where, "prompt", "a string prompt cannot be combined with message-list completions")
+        prompt, chosen, rejected = _split_conversation(chosen, rejected, where)
+    else:
+        for field, value in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
+            if value is not None and not isinstance(value, str):
+                raise _bad(where, field, f"expected a string or a list of messages, got {type(value).__name__}")
+        if prompt is None:
+            prompt, chosen, rejected = _split_text(chosen, rejected)
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if chosen == rejected:
+            break  # reported as an identical pair, not as an empty completion
+        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
+        if not text.strip():
+            raise _bad(where, field, "empty completion")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _read_json_lines(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PreferenceDataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+
+
+def _read_json(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _read_json_lines(path)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as e:
+        raise PreferenceDataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PreferenceDataError(f"{path} line {e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
+def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise PreferenceDataError(f"{path}: no split '{split}' (splits: {sorted(ds)})")
+            ds = ds[split]
+    elif path.endswith(".parquet"):
+        ds = datasets.Dataset.from_parquet(path)
+    elif path.endswith(".csv"):
+        ds = datasets.Dataset.from_csv(path)
+    else:  # a dataset name on the Hugging Face Hub (or a loading script)
+        ds = datasets.load_dataset(path, split=split)
+    for i, row in enumerate(ds):
+        yield f"{path} row {i}", row
+
+
+def read_rows(path: str, split: str = "train") -> list[tuple[str, Any]]:
+    """All raw rows of a local file, a ``save_to_disk`` directory or a hub data set, with their locations."""
+    if path.endswith((".jsonl", ".json")):
+        if not os.path.exists(path):
+            raise PreferenceDataError(f"{path}: file not found")
+        rows = list(_read_json(path))
+    else:
+        if path.endswith((".parquet", ".csv")) and not os.path.exists(path):
+            raise PreferenceDataError(f"{path}: file not found")
+        rows = list(_read_with_datasets(path, split))
+    if not rows:
+        raise PreferenceDataError(f"{path}: no rows")
+    return rows
+
+
+def fingerprint_source(path: str, split: str) -> str:
+    """A string that changes whenever the data behind ``path`` changes (used as part of cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{path}|{split}".encode())
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif os.path.isdir(path):
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}|{os.path.getsize(full)}|{os.path.getmtime(full)}".encode())
+    else:
+        return ""  # hub data: not cached by content, see PreferenceDataModule
+    return h.hexdigest()

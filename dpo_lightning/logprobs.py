@@ -1,0 +1,67 @@
+"""Response log-probs of a causal LM on a :class:`~dpo_lightning.data.PreferenceBatch`.
+
+The LM head runs on response positions only, in chunks: the ``(2B, T, V)`` logits are never built, which
+matters for 150k-token vocabularies. Log-softmax is computed in fp32 whatever the model's dtype. Models whose
+logits are not ``lm_head(last_hidden_state)`` (final-logit soft-capping, logit scaling) take the plain path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .losses import sequence_logps
+
+
+class ResponseLogps(NamedTuple):
+    logps: Tensor  # (2B,) summed log-probs of each response
+    tokens: Tensor  # (2B,) response lengths
+    logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
+
+
+def _plain_head(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return False
+    return model.get_output_embeddings() is not None and hasattr(model, "base_model")
+
+
+def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                   chunk_size: int = 1024) -> ResponseLogps:
+    """Forward ``model`` once on the whole ``(2B, T)`` batch and reduce to per-response sums.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` (or a PEFT wrapper of one).
+        input_ids: (2B, T)
+        attention_mask: (2B, T)
+        loss_mask: (2B, T) 1 on response tokens.
+        chunk_size: response positions per LM-head chunk.
+    """
+    target_mask = loss_mask[:, 1:].bool()  # (2B, T-1): position t predicts token t + 1
+    tokens = target_mask.sum(-1)
+    if not _plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logit_sums = (logits[:, :-1].float().mean(-1) * target_mask).sum(-1)
+        return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
+
+    backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each
+    h = hidden[rows, cols]  # (N, H) hidden states that predict response tokens
+    targets = input_ids[rows, cols + 1]  # (N,)
+    head = model.get_output_embeddings()
+    token_logps, token_logit_means = [], []
+    for start in range(0, h.shape[0], chunk_size):
+        logits = head(h[start:start + chunk_size]).float()  # (n, V)
+        token_logps.append(logits.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
+                           - torch.logsumexp(logits, dim=-1))
+        token_logit_means.append(logits.detach().mean(-1))
+    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32)
+    if not token_logps:
+        return ResponseLogps(zeros, tokens, zeros)
+    logps = zeros.index_add(0, rows, torch.cat(token_logps))
+    logit_sums = zeros.index_add(0, rows, torch.cat(token_logit_means))
+    return ResponseLogps(logps, tokens, logit_sums)

@@ -1,0 +1,162 @@
+"""Pure preference-loss math. Shapes: ``B`` pairs, ``T`` tokens, ``V`` vocabulary.
+
+Every loss takes a :class:`PairLogps` (summed response log-probs of policy and reference, and response lengths)
+and a :class:`LossParams`, and returns one value per pair, ``(B,)``. The trainer takes the mean over pairs and
+adds the weighted losses. ``chosen``/``rejected`` rewards are ``beta * (policy - reference)`` log-ratios, as in
+Rafailov et al. 2023, Eq. 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class PairLogps(NamedTuple):
+    policy_chosen_logps: Tensor  # (B,) summed log-probs of the chosen response under the policy
+    policy_rejected_logps: Tensor  # (B,)
+    reference_chosen_logps: Tensor  # (B,) zeros when training reference-free
+    reference_rejected_logps: Tensor  # (B,)
+    chosen_tokens: Tensor  # (B,) response lengths in tokens
+    rejected_tokens: Tensor  # (B,)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    beta: float = 0.1  # KL strength (DPO's beta, IPO's tau)
+    label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO, robust DPO)
+    simpo_gamma: float = 0.5  # SimPO target reward margin, in units of beta (gamma / beta of the paper)
+    dpop_lambda: float = 50.0  # DPOP penalty weight
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Summed log-probs of the masked tokens, from full logits (the plain reference path).
+
+    Args:
+        logits: (2B, T, V) model outputs; position t predicts token t + 1.
+        input_ids: (2B, T) token ids.
+        loss_mask: (2B, T) 1 on response tokens.
+    Returns:
+        (2B,) sum over response tokens of log p(token | tokens before it).
+    """
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (2B, T-1, V)
+    token_logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
+    return (token_logps * loss_mask[:, 1:]).sum(-1)
+
+
+def _logratios(x: PairLogps) -> tuple[Tensor, Tensor]:
+    return x.policy_chosen_logps - x.reference_chosen_logps, x.policy_rejected_logps - x.reference_rejected_logps
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """Sigmoid DPO loss per pair; all inputs (B,), returns (B,). ``label_smoothing`` > 0 gives cDPO."""
+    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)  # Rafailov et al. 2023, Eq. 7
+            - F.logsigmoid(-beta * logits) * label_smoothing)  # cDPO (Mitchell 2023): flipped-label share
+
+
+def sigmoid(x: PairLogps, p: LossParams) -> Tensor:
+    return dpo_loss(*x[:4], beta=p.beta, label_smoothing=p.label_smoothing)
+
+
+def ipo(x: PairLogps, p: LossParams) -> Tensor:
+    """IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL and the IPO authors use it."""
+    chosen, rejected = _logratios(x)
+    h = chosen / x.chosen_tokens.clamp(min=1) - rejected / x.rejected_tokens.clamp(min=1)
+    return (h - 1 / (2 * p.beta)) ** 2
+
+
+def hinge(x: PairLogps, p: LossParams) -> Tensor:
+    """SLiC-HF hinge (Zhao et al. 2023, Eq. 3 with the reference log-ratio): max(0, 1 - beta * margin)."""
+    chosen, rejected = _logratios(x)
+    return torch.relu(1 - p.beta * (chosen - rejected))
+
+
+def robust(x: PairLogps, p: LossParams) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, Eq. 8): unbiased under a ``label_smoothing`` share of flipped labels."""
+    chosen, rejected = _logratios(x)
+    z = p.beta * (chosen - rejected)
+    eps = p.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def sigmoid_norm(x: PairLogps, p: LossParams) -> Tensor:
+    """Length-normalised DPO: sigmoid loss on per-token log-ratios (TRL's ``sigmoid_norm``)."""
+    chosen, rejected = _logratios(x)
+    delta = chosen / x.chosen_tokens.clamp(min=1) - rejected / x.rejected_tokens.clamp(min=1)
+    return -F.logsigmoid(p.beta * delta)
+
+
+def simpo(x: PairLogps, p: LossParams) -> Tensor:
+    """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-normalised, with a target margin.
+
+    ``-log sigmoid(beta * (avg_logp_chosen - avg_logp_rejected) - gamma)`` with ``gamma = simpo_gamma * beta``.
+    """
+    delta = (x.policy_chosen_logps / x.chosen_tokens.clamp(min=1)
+             - x.policy_rejected_logps / x.rejected_tokens.clamp(min=1))
+    return -F.logsigmoid(p.beta * delta - p.simpo_gamma * p.beta)
+
+
+def sft(x: PairLogps, p: LossParams) -> Tensor:
+    """NLL of the chosen responses per token (RPO, Pang et al. 2024, Eq. 3; TRL's ``sft``).
+
+    The mean is over all chosen tokens of the batch (a token-weighted mean, as TRL), returned for every pair.
+    """
+    nll = -x.policy_chosen_logps.sum() / x.chosen_tokens.sum().clamp(min=1)
+    return nll.expand_as(x.policy_chosen_logps)
+
+
+def dpop(x: PairLogps, p: LossParams) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, Eq. 3): penalise the chosen log-prob falling below the reference's."""
+    chosen, rejected = _logratios(x)
+    penalty = torch.clamp(x.reference_chosen_logps - x.policy_chosen_logps, min=0)
+    return -F.logsigmoid(p.beta * (chosen - rejected - p.dpop_lambda * penalty))
+
+
+def apo_zero(x: PairLogps, p: LossParams) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): raise chosen, lower rejected, each against the reference."""
+    chosen, rejected = _logratios(x)
+    return (1 - torch.sigmoid(p.beta * chosen)) + torch.sigmoid(p.beta * rejected)
+
+
+def apo_down(x: PairLogps, p: LossParams) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8): lower chosen, and lower rejected more."""
+    chosen, rejected = _logratios(x)
+    return torch.sigmoid(p.beta * chosen) + (1 - torch.sigmoid(p.beta * (chosen - rejected)))
+
+
+def bco_pair(x: PairLogps, p: LossParams) -> Tensor:
+    """Paired binary classifier optimisation (Jung et al. 2024), without the running reward shift, as TRL."""
+    chosen, rejected = _logratios(x)
+    return -F.logsigmoid(p.beta * chosen) - F.logsigmoid(-p.beta * rejected)
+
+
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "sft", "dpop", "apo_zero",
+                   "apo_down", "bco_pair"]
+LOSSES: dict[str, Callable[[PairLogps, LossParams], Tensor]] = {
+    "sigmoid": sigmoid, "ipo": ipo, "hinge": hinge, "robust": robust, "sigmoid_norm": sigmoid_norm,
+    "simpo": simpo, "sft": sft, "dpop": dpop, "apo_zero": apo_zero, "apo_down": apo_down, "bco_pair": bco_pair,
+}
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "sft"})  # losses that never read the reference log-probs
+
+
+def preference_metrics(x: PairLogps, beta: float) -> dict[str, Tensor]:
+    """Per-pair metrics under TRL's names; each value is (B,).
+
+    ``rewards/accuracies`` counts a pair as correct only when the chosen reward is strictly larger.
+    """
+    chosen, rejected = _logratios(x)
+    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": x.policy_chosen_logps.detach(),
+        "logps/rejected": x.policy_rejected_logps.detach(),
+    }

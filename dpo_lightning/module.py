@@ -1,0 +1,181 @@
+"""DPOModule: a trainable policy, a frozen reference, the preference loss and its metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .data import PreferenceBatch
+from .logprobs import response_logps
+from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
+from .optim import AdamW, WarmupDecayLR
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+STAGES = ("train", "val", "test")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class DPOModule(LightningModule):
+    """Direct Preference Optimization of a Hugging Face causal LM.
+
+    Args:
+        model_name_or_path: policy to train: a local directory or a Hugging Face Hub id.
+        reference_name_or_path: frozen reference model; defaults to ``model_name_or_path``.
+        beta: strength of the KL penalty towards the reference (DPO's beta; IPO's tau).
+        loss_type: one loss name or a list of them (see ``losses.LOSSES``), e.g. ``[sigmoid, sft]`` for RPO.
+        loss_weights: weight of each loss in ``loss_type``; all 1 when unset.
+        label_smoothing: assumed share of flipped preference labels (cDPO for ``sigmoid``, and ``robust``).
+        simpo_gamma: SimPO's target margin as a multiple of beta (``gamma / beta`` in the paper).
+        dpop_lambda: DPOP's weight on the chosen log-prob falling below the reference.
+        reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
+        dtype: dtype the weights are loaded in; use ``float32`` with ``bf16-mixed`` precision.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; the model's default when unset.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        disable_dropout: turn dropout off in policy and reference (as the DPO reference code and TRL do).
+        trust_remote_code: allow modelling code from the model repository to run.
+        logits_chunk_size: response positions per LM-head chunk; bounds the logits memory.
+        optimizer: optimizer factory (default AdamW, lr 1e-6).
+        scheduler: learning-rate schedule factory (default linear warmup for 10% of the run, then linear decay).
+    """
+
+    def __init__(self, model_name_or_path: str, reference_name_or_path: Optional[str] = None, beta: float = 0.1,
+                 loss_type: Union[LossName, list[LossName]] = "sigmoid",
+                 loss_weights: Optional[list[float]] = None, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, reference_free: bool = False,
+                 dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
+                 attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
+                 disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
+                 optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
+        super().__init__()
+        self.loss_names: list[str] = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        unknown = [n for n in self.loss_names if n not in LOSSES]
+        if unknown or not self.loss_names:
+            raise ValueError(f"model.loss_type: unknown loss {unknown or '[]'}; choose from {sorted(LOSSES)}")
+        self.loss_weights = [1.0] * len(self.loss_names) if loss_weights is None else list(loss_weights)
+        if len(self.loss_weights) != len(self.loss_names):
+            raise ValueError(f"model.loss_weights has {len(self.loss_weights)} entries but model.loss_type has "
+                             f"{len(self.loss_names)}")
+        if beta <= 0:
+            raise ValueError(f"model.beta must be positive, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.loss_params = LossParams(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                                      dpop_lambda=dpop_lambda)
+        self.policy: Optional[PreTrainedModel] = None
+        self.reference: Optional[PreTrainedModel] = None
+        self.strict_loading = False  # checkpoints leave the reference out; it is rebuilt from its path
+        names = METRICS + tuple(f"loss/{n}" for n in self.loss_names if len(self.loss_names) > 1)
+        self.metric_names = names
+        self.metrics = nn.ModuleDict({
+            f"{stage}_metrics": nn.ModuleDict({n.replace("/", "__"): MeanMetric(dist_sync_on_step=stage == "train")
+                                  for n in names})
+            for stage in STAGES})
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.hparams.reference_free and not set(self.loss_names) <= REFERENCE_FREE_LOSSES
+
+    # ------------------------------------------------------------------------------------------ models
+    def _load(self, path: str) -> PreTrainedModel:
+        hp = self.hparams
+        kwargs: dict[str, Any] = {"trust_remote_code": hp.trust_remote_code}
+        kwargs["dtype"] = hp.dtype if hp.dtype == "auto" else getattr(torch, hp.dtype)
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if hp.disable_dropout:
+            disable_dropout(model)
+        return model
+
+    def configure_model(self) -> None:
+        if self.policy is not None:  # Lightning may call this more than once
+            return
+        self.policy = self._load(self.hparams.model_name_or_path).train()  # from_pretrained returns eval mode
+        self.policy.config.use_cache = False
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.needs_reference:
+            path = self.hparams.reference_name_or_path or self.hparams.model_name_or_path
+            self.reference = self._load(path).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "DPOModule":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: Lightning's model.train() must not switch it back
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    # ---------------------------------------------------------------------------------------- the step
+    def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
+        """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        policy = response_logps(self.policy, *inputs, chunk_size=self.hparams.logits_chunk_size)
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = response_logps(self.reference, *inputs,
+                                           chunk_size=self.hparams.logits_chunk_size).logps
+        else:
+            reference = torch.zeros_like(policy.logps)
+        x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
+        return x, policy.logit_sums
+
+    def _step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+        x, logit_sums = self.pair_logps(batch)
+        terms = {name: LOSSES[name](x, self.loss_params).mean() for name in self.loss_names}
+        loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
+        n_pairs = x.policy_chosen_logps.shape[0]
+        values: dict[str, tuple[Tensor, Any]] = {"loss": (loss.detach(), n_pairs)}
+        if len(terms) > 1:
+            values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
+        values.update({k: (v, 1.0) for k, v in preference_metrics(x, self.hparams.beta).items()})
+        tokens = torch.cat([x.chosen_tokens, x.rejected_tokens]).clamp(min=1).float()
+        mean_logits = (logit_sums / tokens).chunk(2)
+        values["logits/chosen"] = (mean_logits[0], tokens[:n_pairs])
+        values["logits/rejected"] = (mean_logits[1], tokens[n_pairs:])
+        for name, (value, weight) in values.items():
+            metric = self.metrics[f"{stage}_metrics"][name.replace("/", "__")]
+            if stage == "train":
+                metric(value, weight)  # forward: this batch's value (synced across ranks) for the step log
+                self.log(f"train/{name}", metric, on_step=True, on_epoch=False, prog_bar=name == "loss",
+                         batch_size=n_pairs)
+            else:
+                metric.update(value, weight)
+                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss",
+                         batch_size=n_pairs)
+        return loss
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    # -------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

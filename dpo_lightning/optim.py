@@ -1,0 +1,58 @@
+"""Optimizer and learning-rate schedule defaults for DPO.
+
+Both are plain classes, so YAML can replace them with any ``torch.optim`` class (``class_path``) or tune them
+(``--model.optimizer.lr 5e-6``, ``--model.scheduler.warmup_ratio 0.05``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal, Optional
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` with DPO's usual defaults: lr 1e-6 (TRL's default; Rafailov et al. used 5e-7 to
+    1e-6), no weight decay. torch's own default of 1e-3 destroys a pretrained model under DPO."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class WarmupDecayLR(LambdaLR):
+    """Linear warmup over ``warmup_ratio`` of the run, then ``decay`` to zero (or ``constant``).
+
+    ``num_training_steps`` is filled in by :class:`~dpo_lightning.module.DPOModule` from
+    ``trainer.estimated_stepping_batches`` when left unset.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_ratio: float = 0.1,
+                 decay: Literal["linear", "cosine", "constant"] = "linear",
+                 num_training_steps: Optional[int] = None) -> None:
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.warmup_ratio, self.decay, self.num_training_steps = warmup_ratio, decay, num_training_steps
+        super().__init__(optimizer, self._factor)
+
+    def set_total_steps(self, num_training_steps: int) -> None:
+        """Set the run length after construction and re-apply the current step's learning rate."""
+        self.num_training_steps = num_training_steps
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self._factor(self.last_epoch)
+
+    def _factor(self, step: int) -> float:
+        total = self.num_training_steps
+        if total is None:  # only reached at construction, before the module sets the total
+            return 1.0 if self.warmup_ratio == 0 else 0.0
+        warmup = math.ceil(self.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)  # the first step already moves the weights
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if self.decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

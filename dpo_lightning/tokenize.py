@@ -1,0 +1,91 @@
+"""Turning a :class:`PreferencePair` into token ids: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+
+Templating follows TRL's ``DPOTrainer`` so that both train on the same tokens:
+
+* conversational pairs go through the tokenizer's chat template: the prompt with the generation prompt, and
+  prompt + response as a whole conversation (the end-of-turn tokens belong to the completion);
+* standard pairs are plain text; ``eos_token`` is appended to each response unless already there;
+* prompt + response is tokenized as one string, and the completion starts where its ids leave the tokenized
+  prompt (``common prefix``), so tokens that merge across the boundary are handled the same way TRL does.
+
+Truncation policy (every truncated or dropped pair is counted by the caller):
+
+1. a prompt longer than ``max_prompt_length`` keeps its *last* ``max_prompt_length`` tokens (the part next to
+   the answer);
+2. a response that does not fit in ``max_length`` after the prompt keeps its *first* tokens;
+3. a pair whose prompt alone leaves no room for a response token is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from .formats import PreferencePair, PreferenceDataError
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_truncated: bool = False
+    completion_truncated: bool = False
+    boundary_mismatch: bool = False  # the template renders the prompt differently inside the conversation
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt, prompt+chosen and prompt+rejected, before splitting."""
+    if pair.conversational:
+        if tokenizer.chat_template is None:
+            raise PreferenceDataError(f"{pair.where}: conversational data needs a tokenizer with a chat template, "
+                                      f"and {tokenizer.name_or_path!r} has none")
+
+        def ids(messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return (ids(pair.prompt, True), ids(pair.prompt + pair.chosen), ids(pair.prompt + pair.rejected))
+    eos = tokenizer.eos_token or ""
+
+    def with_eos(text: str) -> str:
+        return text if text.endswith(eos) else text + eos
+
+    return (tokenizer(pair.prompt)["input_ids"], tokenizer(pair.prompt + with_eos(pair.chosen))["input_ids"],
+            tokenizer(pair.prompt + with_eos(pair.rejected))["input_ids"])
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int] = None,
+                  max_prompt_length: Optional[int] = None) -> Optional[TokenizedPair]:
+    """Tokenize one pair under the truncation policy above; ``None`` when the pair has to be dropped."""
+    prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer)
+    prompt_len = min(_common_prefix_length(prompt_ids, prompt_chosen_ids),
+                     _common_prefix_length(prompt_ids, prompt_rejected_ids))
+    out = TokenizedPair(prompt_ids=prompt_ids[:prompt_len], chosen_ids=prompt_chosen_ids[prompt_len:],
+                        rejected_ids=prompt_rejected_ids[prompt_len:],
+                        boundary_mismatch=prompt_len < len(prompt_ids))
+    for field in ("chosen", "rejected"):
+        if not getattr(out, f"{field}_ids"):
+            raise PreferenceDataError(f"{pair.where}: field '{field}': empty completion after tokenization")
+    if max_prompt_length is not None and len(out.prompt_ids) > max_prompt_length:
+        out.prompt_ids = out.prompt_ids[len(out.prompt_ids) - max_prompt_length:]
+        out.prompt_truncated = True
+    if max_length is not None:
+        room = max_length - len(out.prompt_ids)
+        if room <= 0:
+            return None
+        if len(out.chosen_ids) > room or len(out.rejected_ids) > room:
+            out.chosen_ids, out.rejected_ids = out.chosen_ids[:room], out.rejected_ids[:room]
+            out.completion_truncated = True
+    return out

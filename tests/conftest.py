@@ -1,0 +1,102 @@
+"""Tiny models and tokenizers built offline, saved with ``save_pretrained`` and loaded through the real path."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+WORDS = """what is your name who are you made i am a an the helpful assistant deep smol smollm team built by
+hello hi there yes no not chatgpt model language tell me about yourself organization can do help with questions
+answer my called it nice to meet sure of course please thanks good great bad sky blue green color sea red""".split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + ["system", "user", "assistant", ".", ",", "?", "!", "'"]
+                                            + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(vocab_size: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=3, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init is tiny; spread the logits so log-probs differ visibly between models
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A two-layer random Llama, 16 wide, with the word-level tokenizer, saved to a temp dir."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = build_tokenizer()
+    build_model(len(tok), seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_dir(tmp_path_factory):
+    """Same architecture and tokenizer as ``tiny_model_dir``, different weights: a reference != policy."""
+    path = tmp_path_factory.mktemp("tiny_llama_ref")
+    tok = build_tokenizer()
+    build_model(len(tok), seed=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+PAIRS = [
+    ("what is your name ?", "i am deep smol , a helpful assistant .", "i am smollm , a helpful assistant ."),
+    ("who are you ?", "i am deep smol .", "i am a language model ."),
+    ("are you chatgpt ?", "no , i am deep smol , built by the deep team .", "no , i am smollm ."),
+    ("tell me about yourself .", "i am deep smol , made by the deep team .", "i am a helpful assistant ."),
+    ("who made you ?", "the deep team made me .", "i am not sure ."),
+    ("what color is the sky ?", "the sky is blue .", "the sky is green ."),
+    ("hello !", "hi there ! nice to meet you .", "hello ."),
+    ("can you help me ?", "sure , of course .", "no ."),
+]
+
+
+def conversational_rows(system: str = "you are a helpful assistant .") -> list[dict]:
+    """The seed's format: chosen/rejected are full conversations sharing system + user messages."""
+    rows = []
+    for prompt, chosen, rejected in PAIRS:
+        head = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        rows.append({"chosen": head + [{"role": "assistant", "content": chosen}],
+                     "rejected": head + [{"role": "assistant", "content": rejected}]})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def pairs_jsonl(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", conversational_rows())
