@@ -13,9 +13,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data import PreferenceDataModule
 from .export import HFExport, export_checkpoint
+from .gguf import convert_gguf, fetch_smollm2
 from .module import DPOModule
 
-EXTRA_COMMANDS = {"export": export_checkpoint}
+EXTRA_COMMANDS = {"export": export_checkpoint, "convert-gguf": convert_gguf, "fetch-smollm2": fetch_smollm2}
 
 
 class DPOLightningCLI(LightningCLI):
@@ -38,7 +39,7 @@ class DPOLightningCLI(LightningCLI):
 def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
-        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:])
+        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
         return None
     # the frozen reference stays in eval mode on purpose; Lightning's generic warning about it is noise
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

@@ -186,25 +186,29 @@ class PreferenceDataModule(LightningDataModule):
         return pairs
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_pairs is not None or self.val_pairs is not None:
-            return
         hp = self.hparams
+        want_train = stage in (None, "fit") and self.train_pairs is None
+        want_val = self.val_pairs is None and (hp.val_path is not None or hp.val_fraction > 0)
+        if not (want_train or want_val):
+            return  # Lightning calls setup once per stage; keep what is already loaded
         self.load_tokenizer()
         if hp.val_path is None and hp.val_fraction > 0:
             rows = read_rows(hp.train_path, hp.train_split)
             order = list(range(len(rows)))
             random.Random(hp.split_seed).shuffle(order)
             n_val = max(1, round(len(rows) * hp.val_fraction))
-            val_rows = [rows[i] for i in sorted(order[:n_val])]
-            train_rows = [rows[i] for i in sorted(order[n_val:])]
             split_key = f"fraction={hp.val_fraction},seed={hp.split_seed}"
-            self.val_pairs = self._load("val", hp.train_path, hp.train_split, val_rows, "val:" + split_key)
-            if stage in (None, "fit"):
-                self.train_pairs = self._load("train", hp.train_path, hp.train_split, train_rows, "train:" + split_key)
+            if want_val:
+                val_rows = [rows[i] for i in sorted(order[:n_val])]
+                self.val_pairs = self._load("val", hp.train_path, hp.train_split, val_rows, "val:" + split_key)
+            if want_train:
+                train_rows = [rows[i] for i in sorted(order[n_val:])]
+                self.train_pairs = self._load("train", hp.train_path, hp.train_split, train_rows,
+                                              "train:" + split_key)
             return
-        if hp.val_path is not None:
+        if want_val:
             self.val_pairs = self._load("val", hp.val_path, hp.val_split)
-        if stage in (None, "fit"):
+        if want_train:
             self.train_pairs = self._load("train", hp.train_path, hp.train_split)
 
     # ------------------------------------------------------------------------------------- dataloaders

@@ -21,6 +21,11 @@ class ResponseLogps(NamedTuple):
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """fp32 for bf16/fp16 tensors; wider dtypes stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _plain_head(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
@@ -44,7 +49,7 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     tokens = target_mask.sum(-1)
     if not _plain_head(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logit_sums = (logits[:, :-1].float().mean(-1) * target_mask).sum(-1)
+        logit_sums = (_upcast(logits[:, :-1]).mean(-1) * target_mask).sum(-1)
         return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
 
     backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
@@ -55,11 +60,11 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     head = model.get_output_embeddings()
     token_logps, token_logit_means = [], []
     for start in range(0, h.shape[0], chunk_size):
-        logits = head(h[start:start + chunk_size]).float()  # (n, V)
+        logits = _upcast(head(h[start:start + chunk_size]))  # (n, V)
         token_logps.append(logits.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
                            - torch.logsumexp(logits, dim=-1))
         token_logit_means.append(logits.detach().mean(-1))
-    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32)
+    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=_upcast(h).dtype)
     if not token_logps:
         return ResponseLogps(zeros, tokens, zeros)
     logps = zeros.index_add(0, rows, torch.cat(token_logps))

@@ -43,7 +43,8 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tens
     Returns:
         (2B,) sum over response tokens of log p(token | tokens before it).
     """
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (2B, T-1, V)
+    logits = logits[:, :-1]
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (2B, T-1, V)
     token_logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
     return (token_logps * loss_mask[:, 1:]).sum(-1)
 

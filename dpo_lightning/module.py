@@ -162,6 +162,21 @@ class DPOModule(LightningModule):
                          batch_size=n_pairs)
         return loss
 
+    def _reset_metrics(self, stage: str) -> None:
+        # States made under one grad mode (validate's inference mode) cannot be updated in place under
+        # another (fit's no-grad validation), so each stage starts from fresh states made in its own mode.
+        for metric in self.metrics[f"{stage}_metrics"].values():
+            metric.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_metrics("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics("test")
+
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 

@@ -1,0 +1,111 @@
+"""The real command line on a tiny model: fit, validate, export, help, every shipped config, every loss."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning.cli import DPOLightningCLI, cli_main
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.losses import LOSSES
+from dpo_lightning.module import DPOModule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TB_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "dpo_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def scalar_tags(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir)
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), acc
+
+
+def test_fit_then_validate_then_export(tiny_model_dir, pairs_jsonl, tmp_path):
+    config = os.path.join(ROOT, "configs", "tiny.yaml")
+    common = ["--config", config, f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
+              f"--data.cache_dir={tmp_path / 'cache'}"]
+    out = run_cli(["fit", *common], cwd=tmp_path)
+    assert "6 read, 6 kept" in out and "2 read, 2 kept" in out  # one summary line per split
+    fit_dir = tmp_path / "lightning_logs" / "version_0"
+    tags, acc = scalar_tags(str(fit_dir))
+    for name in TB_METRICS:
+        assert f"train/{name}" in tags and f"val/{name}" in tags, name
+    assert any(t.startswith("lr-") for t in tags)
+    assert len(acc.Scalars("train/loss")) >= 2
+
+    # the exported policy loads with plain transformers, differs from the start and generates
+    export = fit_dir / "hf_model"
+    assert (export / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(export)
+    trained = AutoModelForCausalLM.from_pretrained(export)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    ids = tok.apply_chat_template([{"role": "user", "content": "who are you ?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    generated = trained.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+
+    # validate the trained checkpoint, and the untrained policy (ln 2, zero rewards)
+    ckpt = fit_dir / "checkpoints" / "last.ckpt"
+    run_cli(["validate", *common, f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
+    assert {f"val/{m}" for m in TB_METRICS} <= tags
+    trained_val_loss = acc.Scalars("val/loss")[-1].value
+    run_cli(["validate", *common], cwd=tmp_path)
+    _, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_2"))
+    assert acc.Scalars("val/loss")[-1].value == pytest.approx(0.693147, abs=1e-5)
+    assert acc.Scalars("val/rewards/margins")[-1].value == pytest.approx(0.0, abs=1e-6)
+    assert trained_val_loss < 0.693
+
+    # any checkpoint converts to a transformers directory equal to the end-of-fit export
+    run_cli(["export", f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'from_ckpt'}"], cwd=tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt")
+    for (k, a), b in zip(trained.state_dict().items(), converted.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "from_ckpt" / "tokenizer.json").exists()
+
+
+def test_help_shows_every_setting_with_its_doc():
+    proc = subprocess.run([sys.executable, "-m", "dpo_lightning", "fit", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert proc.returncode == 0
+    for flag, doc in [("--model.beta", "strength of the KL penalty"), ("--data.max_length", "prompt + response"),
+                      ("--model.loss_type", "sigmoid"), ("--export.dirpath", "hf_model"),
+                      ("--trainer.accumulate_grad_batches", ""), ("--trainer.precision", "")]:
+        assert flag in proc.stdout, flag
+        assert doc in proc.stdout, doc
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_shipped_config_parses_and_instantiates(config):
+    cli = DPOLightningCLI(DPOModule, PreferenceDataModule, run=False, auto_configure_optimizers=False,
+                          args=["--config", config, "--trainer.logger=false"])
+    assert isinstance(cli.model, DPOModule) and cli.model.policy is None  # no weights loaded by parsing
+    assert cli.datamodule.hparams.tokenizer_name_or_path == cli.model.hparams.model_name_or_path
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_path):
+    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                    f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
+                    f"--model.loss_type={loss}", "--data.cache_dir=null", "--trainer.enable_progress_bar=false",
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--export.enabled=false",
+                    "--trainer.enable_model_summary=false"])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+    assert "val/rewards/margins" in metrics

@@ -1,0 +1,64 @@
+"""Loss and every metric equal TRL's DPOTrainer on the same policy, reference and conversational data.
+
+TRL 1.16's DPOConfig defaults to ``bf16=True`` even on CPU, which autocasts its reference forward only; the
+comparison turns that off so both sides compute in fp32.
+"""
+
+import pytest
+from conftest import conversational_rows
+from lightning.pytorch import Trainer
+
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.module import DPOModule
+
+trl = pytest.importorskip("trl")
+
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+def trl_eval_metrics(policy_dir, reference_dir, rows, tmp_path, loss_type, beta, label_smoothing=0.0,
+                     loss_weights=None):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=len(rows), beta=beta,
+                         loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
+                         loss_weights=loss_weights, label_smoothing=label_smoothing, report_to="none", use_cpu=True,
+                         max_length=None, dataloader_num_workers=0, bf16=False)
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir),
+                             ref_model=AutoModelForCausalLM.from_pretrained(reference_dir), args=args,
+                             processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
+                             eval_dataset=datasets.Dataset.from_list(rows))
+    out = trainer.evaluate()
+    return {m: out[f"eval_{m}"] for m in METRICS}
+
+
+def ours(policy_dir, reference_dir, path, n_rows, tmp_path, loss_type, beta, label_smoothing=0.0,
+         loss_weights=None):
+    dm = PreferenceDataModule(train_path=path, val_path=path, tokenizer_name_or_path=policy_dir,
+                              batch_size=n_rows, max_length=None, max_prompt_length=None, cache_dir=None)
+    model = DPOModule(policy_dir, reference_name_or_path=reference_dir, beta=beta, loss_type=loss_type,
+                      label_smoothing=label_smoothing, loss_weights=loss_weights)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    out = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    return {m: out[f"val/{m}"] for m in METRICS}
+
+
+@pytest.mark.parametrize("loss_type, beta, label_smoothing, loss_weights", [
+    ("sigmoid", 0.1, 0.0, None), ("sigmoid", 0.5, 0.0, None), ("ipo", 0.1, 0.0, None), ("hinge", 0.2, 0.0, None),
+    ("robust", 0.1, 0.2, None), ("sigmoid_norm", 0.1, 0.0, None), ("apo_zero", 0.1, 0.0, None),
+    ("apo_down", 0.1, 0.0, None), ("bco_pair", 0.1, 0.0, None), (["sigmoid", "sft"], 0.1, 0.0, [1.0, 0.5]),
+])
+def test_metrics_match_trl(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path, loss_type, beta,
+                           label_smoothing, loss_weights):
+    rows = conversational_rows()
+    expected = trl_eval_metrics(tiny_model_dir, tiny_reference_dir, rows, tmp_path, loss_type, beta, label_smoothing,
+                                loss_weights)
+    got = ours(tiny_model_dir, tiny_reference_dir, pairs_jsonl, len(rows), tmp_path, loss_type, beta,
+               label_smoothing, loss_weights)
+    assert abs(expected["rewards/margins"]) > 1e-2  # the reference really differs from the policy
+    for m in METRICS:
+        assert got[m] == pytest.approx(expected[m], abs=1e-4, rel=1e-5), (m, got[m], expected[m])
