@@ -109,3 +109,17 @@ def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_p
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     assert "val/rewards/margins" in metrics
+
+
+def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl, tmp_path):
+    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
+              f"--data.train_path={pairs_jsonl}", "--model.loss_type=[sigmoid, sft]", "--model.loss_weights=[1.0, 0.5]",
+              "--data.cache_dir=null", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+              "--export.enabled=false"]
+    cli = cli_main(["fit", *common, "--trainer.max_epochs=1"])
+    m = cli.trainer.callback_metrics
+    assert m["val/loss"].item() == pytest.approx(m["val/loss/sigmoid"].item() + 0.5 * m["val/loss/sft"].item(),
+                                                 rel=1e-5)
+    assert "train/loss/sft" in m
+    cli = cli_main(["test", *common])
+    assert {"test/loss", "test/rewards/margins", "test/loss/sft"} <= set(cli.trainer.callback_metrics)

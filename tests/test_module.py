@@ -101,3 +101,23 @@ def test_bad_model_settings_fail_before_loading():
         DPOModule("does-not-exist", beta=0)
     with pytest.raises(ValueError, match="unknown loss"):
         DPOModule("does-not-exist", loss_type="nope")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, pairs_jsonl):
+    dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, batch_size=4,
+                              cache_dir=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for checkpointing in (False, True):
+        module = DPOModule(tiny_model_dir, reference_name_or_path=None, gradient_checkpointing=checkpointing)
+        module.configure_model()
+        module.policy.train()
+        x, _ = module.pair_logps(batch)
+        loss = torch.nn.functional.logsigmoid(x.policy_chosen_logps - x.policy_rejected_logps).sum()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.policy.parameters()]))
+    assert module.policy.is_gradient_checkpointing
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
