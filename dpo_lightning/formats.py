@@ -63,7 +63,8 @@ def _check_messages(value: Any, where: str, field: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix_length(a: list, b: list) -> int:
+    """Number of leading items ``a`` and ``b`` share (messages, characters or token ids)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -73,7 +74,7 @@ def _common_prefix(a: list, b: list) -> int:
 
 
 def _split_conversation(chosen: Messages, rejected: Messages, where: str) -> tuple[Messages, Messages, Messages]:
-    n = _common_prefix(chosen, rejected)
+    n = common_prefix_length(chosen, rejected)
     if n == len(chosen) and n == len(rejected):
         return chosen[:-1], chosen[-1:], rejected[-1:]  # identical pair: caller decides what to do
     if n == 0:
@@ -89,7 +90,7 @@ def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     """TRL's implicit-prompt rule for strings: common character prefix, not ending inside a trailing space."""
     if chosen == rejected:
         return "", chosen, rejected  # identical pair: caller decides what to do
-    n = _common_prefix(list(chosen), list(rejected))
+    n = common_prefix_length(list(chosen), list(rejected))
     if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]

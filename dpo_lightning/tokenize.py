@@ -23,7 +23,7 @@ from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from .formats import PreferencePair, PreferenceDataError
+from .formats import PreferenceDataError, PreferencePair, common_prefix_length
 
 
 @dataclass
@@ -34,15 +34,6 @@ class TokenizedPair:
     prompt_truncated: bool = False
     completion_truncated: bool = False
     boundary_mismatch: bool = False  # the template renders the prompt differently inside the conversation
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
@@ -70,8 +61,8 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
                   max_prompt_length: Optional[int] = None) -> Optional[TokenizedPair]:
     """Tokenize one pair under the truncation policy above; ``None`` when the pair has to be dropped."""
     prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer)
-    prompt_len = min(_common_prefix_length(prompt_ids, prompt_chosen_ids),
-                     _common_prefix_length(prompt_ids, prompt_rejected_ids))
+    prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids),
+                     common_prefix_length(prompt_ids, prompt_rejected_ids))
     out = TokenizedPair(prompt_ids=prompt_ids[:prompt_len], chosen_ids=prompt_chosen_ids[prompt_len:],
                         rejected_ids=prompt_rejected_ids[prompt_len:],
                         boundary_mismatch=prompt_len < len(prompt_ids))

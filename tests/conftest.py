@@ -48,24 +48,24 @@ def build_model(vocab_size: int, seed: int):
     return model
 
 
+def save_tiny(tmp_path_factory, name: str, seed: int) -> str:
+    path = tmp_path_factory.mktemp(name)
+    tok = build_tokenizer()
+    build_model(len(tok), seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A two-layer random Llama, 16 wide, with the word-level tokenizer, saved to a temp dir."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = build_tokenizer()
-    build_model(len(tok), seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny_llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_reference_dir(tmp_path_factory):
     """Same architecture and tokenizer as ``tiny_model_dir``, different weights: a reference != policy."""
-    path = tmp_path_factory.mktemp("tiny_llama_ref")
-    tok = build_tokenizer()
-    build_model(len(tok), seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny_llama_ref", seed=1)
 
 
 PAIRS = [

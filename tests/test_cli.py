@@ -123,3 +123,37 @@ def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl
     assert "train/loss/sft" in m
     cli = cli_main(["test", *common])
     assert {"test/loss", "test/rewards/margins", "test/loss/sft"} <= set(cli.trainer.callback_metrics)
+
+
+def test_ddp_validation_metrics_equal_one_process(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path):
+    """2 CPU processes (gloo), each on its own half of the validation pairs, log what one process logs."""
+    common = ["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+              f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference_name_or_path={tiny_reference_dir}",
+              f"--data.train_path={pairs_jsonl}", f"--data.val_path={pairs_jsonl}", "--data.val_fraction=0.0",
+              "--data.cache_dir=null", "--trainer.enable_progress_bar=false"]
+    values = []
+    for n, run_dir in ((1, "one"), (2, "two")):
+        os.makedirs(tmp_path / run_dir)
+        run_cli([*common, f"--trainer.devices={n}", "--trainer.strategy=" + ("ddp" if n > 1 else "auto")],
+                cwd=tmp_path / run_dir)
+        _, acc = scalar_tags(str(tmp_path / run_dir / "lightning_logs" / "version_0"))
+        values.append({m: acc.Scalars(f"val/{m}")[-1].value for m in TB_METRICS})
+    assert abs(values[0]["rewards/margins"]) > 1e-3
+    for m in TB_METRICS:
+        assert values[1][m] == pytest.approx(values[0][m], abs=1e-5), m
+
+
+def test_bf16_mixed_validation_is_close_to_fp32(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path):
+    """bf16 autocast on CPU; log-probs are reduced in fp32. Tolerance: 2e-2 on the loss, 2% on the log-probs."""
+    out = {}
+    for precision in ("32-true", "bf16-mixed"):
+        cli = cli_main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                        f"--model.model_name_or_path={tiny_model_dir}",
+                        f"--model.reference_name_or_path={tiny_reference_dir}", f"--data.train_path={pairs_jsonl}",
+                        "--data.cache_dir=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+                        f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
+        out[precision] = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
+    fp32, bf16 = out["32-true"], out["bf16-mixed"]
+    assert bf16["val/loss"] == pytest.approx(fp32["val/loss"], abs=2e-2)
+    assert bf16["val/logps/chosen"] == pytest.approx(fp32["val/logps/chosen"], rel=2e-2)
+    assert bf16["val/logps/chosen"] != fp32["val/logps/chosen"]  # autocast really ran in bf16
