@@ -29,7 +29,7 @@ class PairLogps(NamedTuple):
 class LossParams:
     beta: float = 0.1  # KL strength (DPO's beta, IPO's tau)
     label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO, robust DPO)
-    simpo_gamma: float = 0.5  # SimPO target reward margin, in units of beta (gamma / beta of the paper)
+    simpo_gamma: float = 0.5  # SimPO target reward margin gamma (absolute, as TRL's CPOConfig.simpo_gamma)
     dpop_lambda: float = 50.0  # DPOP penalty weight
 
 
@@ -96,11 +96,11 @@ def sigmoid_norm(x: PairLogps, p: LossParams) -> Tensor:
 def simpo(x: PairLogps, p: LossParams) -> Tensor:
     """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-normalised, with a target margin.
 
-    ``-log sigmoid(beta * (avg_logp_chosen - avg_logp_rejected) - gamma)`` with ``gamma = simpo_gamma * beta``.
+    ``-log sigmoid(beta * (avg_logp_chosen - avg_logp_rejected) - gamma)`` with ``gamma = simpo_gamma``.
     """
     delta = (x.policy_chosen_logps / x.chosen_tokens.clamp(min=1)
              - x.policy_rejected_logps / x.rejected_tokens.clamp(min=1))
-    return -F.logsigmoid(p.beta * delta - p.simpo_gamma * p.beta)
+    return -F.logsigmoid(p.beta * delta - p.simpo_gamma)
 
 
 def sft(x: PairLogps, p: LossParams) -> Tensor:

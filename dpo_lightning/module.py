@@ -37,7 +37,7 @@ class DPOModule(LightningModule):
         loss_type: one loss name or a list of them (see ``losses.LOSSES``), e.g. ``[sigmoid, sft]`` for RPO.
         loss_weights: weight of each loss in ``loss_type``; all 1 when unset.
         label_smoothing: assumed share of flipped preference labels (cDPO for ``sigmoid``, and ``robust``).
-        simpo_gamma: SimPO's target margin as a multiple of beta (``gamma / beta`` in the paper).
+        simpo_gamma: SimPO's target reward margin gamma (TRL's ``simpo_gamma``).
         dpop_lambda: DPOP's weight on the chosen log-prob falling below the reference.
         reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
         dtype: dtype the weights are loaded in; use ``float32`` with ``bf16-mixed`` precision.

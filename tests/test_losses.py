@@ -86,8 +86,8 @@ HAND = {
     "robust": (0.9 * -log_sigmoid(1) + 0.1 * log_sigmoid(-1)) / 0.8,
     # -log s(0.5 * 0.75)
     "sigmoid_norm": -log_sigmoid(0.375),
-    # avg logps -2.5 and -6 -> -log s(0.5 * 3.5 - 0.25)
-    "simpo": -log_sigmoid(1.5),
+    # avg logps -2.5 and -6 -> -log s(0.5 * 3.5 - gamma 0.5)
+    "simpo": -log_sigmoid(1.25),
     # NLL per chosen token: 10 / 4
     "sft": 2.5,
     # chosen above reference -> no penalty: -log s(0.5 * 2)
@@ -141,3 +141,19 @@ def test_sigmoid_matches_torch_formula_on_random_inputs():
     a, b, c, d = (torch.randn(16) * 5 for _ in range(4))
     expected = -F.logsigmoid(0.2 * ((a - b) - (c - d)))
     assert torch.allclose(dpo_loss(a, b, c, d, beta=0.2), expected)
+
+
+def test_simpo_matches_trl_cpo_loss():
+    """TRL implements SimPO in its CPO trainer, on length-averaged log-probs; same gamma convention."""
+    from types import SimpleNamespace
+
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    torch.manual_seed(0)
+    chosen, rejected = -torch.rand(8) * 40, -torch.rand(8) * 40
+    chosen_len, rejected_len = torch.randint(1, 30, (8,)).float(), torch.randint(1, 30, (8,)).float()
+    fake = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.7, beta=2.0, label_smoothing=0.0,
+                           accelerator=SimpleNamespace(device="cpu"))
+    expected = cpo.CPOTrainer.cpo_loss(fake, chosen / chosen_len, rejected / rejected_len)[0]
+    x = PairLogps(chosen, rejected, torch.zeros(8), torch.zeros(8), chosen_len, rejected_len)
+    got = LOSSES["simpo"](x, LossParams(beta=2.0, simpo_gamma=0.7))
+    assert torch.allclose(got, expected, atol=1e-5)

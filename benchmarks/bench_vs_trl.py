@@ -1,0 +1,145 @@
+"""dpo_lightning vs TRL's DPOTrainer, same model, pairs and batch settings, in one run.
+
+    python benchmarks/bench_vs_trl.py --model models/SmolLM2-135M-Instruct --pairs data/demo/identity_pairs.jsonl
+
+Each side runs in its own process (clean peak RSS): ``ours`` (DPOModule under a Lightning Trainer), ``trl``
+(DPOTrainer, its defaults but fp32 and no reporting) and ``plain`` (a causal-LM forward+backward over the same
+chosen+rejected tokens, the ceiling for a DPO step). The first optimizer step is warm-up and not timed.
+Prints pairs/s, real (non-pad) tokens/s, peak memory (RSS on CPU, max allocated on GPU) and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def batches(args):
+    """The tokenized pairs, in one fixed order, grouped into optimizer steps of batch x accumulation pairs."""
+    from dpo_lightning.data import PreferenceDataModule
+
+    dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
+                              max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None)
+    dm.setup("fit")
+    return dm
+
+
+def run_ours(args) -> dict:
+    from lightning.pytorch import Callback, Trainer
+
+    from dpo_lightning.module import DPOModule
+
+    dm = batches(args)
+    times = []
+
+    class Clock(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            times.append(time.perf_counter())
+
+    model = DPOModule(args.model)
+    trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    tokens = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in dm.train_pairs)
+    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation,
+            "tokens_per_pair": tokens / len(dm.train_pairs)}
+
+
+def run_trl(args) -> dict:
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    rows = [json.loads(line) for line in open(args.pairs)]
+    config = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch_size,
+                           gradient_accumulation_steps=args.accumulation, max_steps=args.steps + 1,
+                           max_length=args.max_length, bf16=False, report_to="none", logging_steps=1000,
+                           save_strategy="no", use_cpu=not torch.cuda.is_available())
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
+                             args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
+                             train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()])
+    trainer.train()
+    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation}
+
+
+def run_plain(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dm = batches(args)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    loader = iter(dm.train_dataloader())
+    stamps = []
+    for _ in range(args.steps + 1):
+        for _ in range(args.accumulation):
+            try:
+                batch = next(loader)
+            except StopIteration:
+                loader = iter(dm.train_dataloader())
+                batch = next(loader)
+            labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stamps.append(time.perf_counter())
+    return {"seconds": stamps[-1] - stamps[0], "pairs": args.steps * args.batch_size * args.accumulation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--pairs", default="data/demo/identity_pairs.jsonl")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--side", choices=["ours", "trl", "plain"], help="internal: run one side and print JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.side:
+        result = {"ours": run_ours, "trl": run_trl, "plain": run_plain}[args.side](args)
+        result["peak_memory_gb"] = peak_memory_gb()
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for side in ("ours", "trl", "plain"):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        results[side] = json.loads(line[0][len("RESULT "):])
+    tokens_per_pair = results["ours"]["tokens_per_pair"]
+    print(f"model {args.model}, batch {args.batch_size} x accumulation {args.accumulation}, max_length "
+          f"{args.max_length}, {args.steps} timed steps, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'side':8s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s}")
+    for side, r in results.items():
+        r["pairs_per_s"] = r["pairs"] / r["seconds"]
+        print(f"{side:8s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} {r['peak_memory_gb']:8.2f}")
+    ours, trl, plain = results["ours"], results["trl"], results["plain"]
+    print(f"ours/TRL speed {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x, "
+          f"memory {ours['peak_memory_gb'] / trl['peak_memory_gb']:.2f}x; "
+          f"ours/plain forward+backward speed {ours['pairs_per_s'] / plain['pairs_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
