@@ -79,7 +79,6 @@ class DPOModule(LightningModule):
         self.reference: Optional[PreTrainedModel] = None
         self.strict_loading = False  # checkpoints leave the reference out; it is rebuilt from its path
         names = METRICS + tuple(f"loss/{n}" for n in self.loss_names if len(self.loss_names) > 1)
-        self.metric_names = names
         self.metrics = nn.ModuleDict({
             f"{stage}_metrics": nn.ModuleDict({n.replace("/", "__"): MeanMetric(dist_sync_on_step=stage == "train")
                                   for n in names})
