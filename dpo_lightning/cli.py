@@ -12,11 +12,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .data import PreferenceDataModule
+from .compare import compare
 from .export import HFExport, export_checkpoint
 from .gguf import convert_gguf, fetch_smollm2
 from .module import DPOModule
+from .pairs import build_pairs
+from .probe_callback import GenerationProbes
 
-EXTRA_COMMANDS = {"export": export_checkpoint, "convert-gguf": convert_gguf, "fetch-smollm2": fetch_smollm2}
+EXTRA_COMMANDS = {"export": export_checkpoint, "convert-gguf": convert_gguf, "fetch-smollm2": fetch_smollm2,
+                  "build-pairs": build_pairs, "compare": compare}
 
 
 class DPOLightningCLI(LightningCLI):
@@ -28,6 +32,7 @@ class DPOLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(GenerationProbes, "probes")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

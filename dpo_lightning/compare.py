@@ -1,0 +1,97 @@
+"""``compare``: the before/after table the seed meant to print — base and trained model answer the same
+questions side by side, with the target-name, degeneracy and drift figures of each."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import textwrap
+from typing import Any, Literal, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
+
+
+def _table(questions: list[str], before: ProbeReport, after: ProbeReport, width: int) -> str:
+    col = max(20, (width - 7) // 3)
+    lines = [f"{'question':<{col}} | {'before':<{col}} | {'after':<{col}}", "-" * (3 * col + 6)]
+    for i, question in enumerate(questions):
+        cells = []
+        for text, flag in ((question, None), (before.answers[i].text, before.degenerate[i]),
+                           (after.answers[i].text, after.degenerate[i])):
+            text = " ".join(text.split()) + (f" [degenerate: {flag}]" if flag else "")
+            cells.append(textwrap.wrap(textwrap.shorten(text, 3 * col, placeholder=" …"), col) or [""])
+        for row in range(max(len(c) for c in cells)):
+            lines.append(" | ".join(f"{(c[row] if row < len(c) else ''):<{col}}" for c in cells))
+        lines.append("-" * (3 * col + 6))
+    return "\n".join(lines)
+
+
+def _summary(label: str, report: ProbeReport, base_nll: Optional[float]) -> str:
+    text = (f"{label:<7} {report.name!r} named in {report.name_rate:6.1%} of answers; "
+            f"degenerate {report.degenerate_rate:6.1%}")
+    if report.general_nll is not None and base_nll:
+        text += f"; general NLL {report.general_nll:.4f} ({report.general_nll / base_nll - 1:+.1%} vs base)"
+    return text
+
+
+def compare(base: str, trained: str, prompts_path: str, name: str, general_path: Optional[str] = None,
+            system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 32,
+            max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
+            dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+            trust_remote_code: bool = False) -> dict[str, Any]:
+    """Print the base and the trained model's greedy answers side by side, and their probe metrics.
+
+    Args:
+        base: the model before training (directory or hub id).
+        trained: the model after training, e.g. ``lightning_logs/version_0/hf_model``.
+        prompts_path: questions: JSON Lines rows with ``prompt`` or a text file, one per line.
+        name: the name the trained model should answer with, e.g. ``Deep SmolLM``.
+        general_path: JSON Lines general prompts (optional ``answer``); drift is measured on the base's answers.
+        system_prompt: system message for the questions; None = the chat template's default.
+        max_new_tokens: answer length budget; an answer that does not end within it counts as degenerate.
+        batch_size: prompts per generation batch.
+        max_prompts: use only the first this many questions.
+        output_path: also write every answer and figure to this JSON file.
+        width: table width in characters (the terminal's width when unset).
+        dtype: weights dtype.
+        trust_remote_code: allow modelling code from the model repository to run.
+    """
+    questions = read_questions(prompts_path)[:max_prompts]
+    general_q, general_a = read_general(general_path) if general_path else ([], [])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reports: dict[str, ProbeReport] = {}
+    base_nll: Optional[float] = None
+    for label, path in (("before", base), ("after", trained)):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code).to(device)
+        if label == "before" and general_q:
+            general_a = base_general_answers(model, tokenizer, general_q, general_a, system_prompt,
+                                             max_new_tokens, batch_size)
+        reports[label] = probe(model, tokenizer, questions, name, system_prompt, max_new_tokens, batch_size,
+                               general_q, general_a, progress=f"{label}: answering")
+        if label == "before":
+            base_nll = reports[label].general_nll
+        del model
+        gc.collect()
+    width = width or shutil.get_terminal_size((160, 40)).columns
+    print(_table(questions, reports["before"], reports["after"], width))
+    for label, report in reports.items():
+        print(_summary(label, report, base_nll))
+    result = {label: {"name_rate": r.name_rate, "degenerate_rate": r.degenerate_rate,
+                      "general_nll": r.general_nll,
+                      "answers": [{"question": q, "answer": a.text, "finished": a.finished, "degenerate": d}
+                                  for q, a, d in zip(r.questions, r.answers, r.degenerate)]}
+              for label, r in reports.items()}
+    if base_nll:
+        result["drift"] = reports["after"].general_nll / base_nll
+    if output_path:
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        with open(output_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, ensure_ascii=False, indent=1)
+    return result

@@ -1,0 +1,175 @@
+"""``build-pairs``: preference pairs from a model's own answers, written as JSON Lines the data module reads.
+
+Three strategies (the seed's two, plus one for models that rarely say their name):
+
+- ``replace``: rejected = the model's greedy answer; chosen = the same answer with names replaced
+  (``replacements``). Pairs where nothing was replaced are dropped and counted.
+- ``reference``: chosen = the prompt file's ``reference`` answer with ``{name}``-style placeholders filled in;
+  rejected = the model's greedy answer.
+- ``on_policy``: ``num_samples`` sampled answers per prompt, scored by a reward function; best = chosen,
+  worst = rejected; ties dropped.
+
+Each output row is TRL's conversational format with an explicit prompt:
+``{"prompt": [messages], "chosen": [assistant], "rejected": [assistant], "question": ..., "strategy": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from typing import Any, Literal, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .generation import chat_messages, generate_answers, render_prompt
+from .rewards import load_reward
+
+Strategy = Literal["replace", "reference", "on_policy"]
+
+
+def replace_names(text: str, replacements: dict[str, str]) -> str:
+    """Replace each old name by its new one in one pass; text that already has the new name is kept as is
+    (``SmolLM -> Deep SmolLM`` leaves "Deep SmolLM" alone instead of making "Deep Deep SmolLM")."""
+    if not replacements:
+        return text
+    keys = sorted(set(replacements) | set(replacements.values()), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(k) for k in keys))
+    return pattern.sub(lambda m: replacements.get(m.group(0), m.group(0))
+                       if m.group(0) not in replacements.values() else m.group(0), text)
+
+
+def fill_placeholders(template: str, values: dict[str, str], where: str) -> str:
+    """``template`` with ``{key}`` replaced by ``values[key]``; an unknown placeholder is an error."""
+    def sub(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise ValueError(f"{where}: field 'reference': placeholder {{{key}}} has no value; "
+                             f"set it in --placeholders (known: {sorted(values)})")
+        return values[key]
+    return re.sub(r"\{(\w+)\}", sub, template)
+
+
+def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """JSON Lines rows with a string ``prompt`` (and, for ``reference``, a string ``reference``)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise ValueError(f"{where}: field 'prompt': expected a non-empty string")
+            rows.append((where, row))
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths: list[str],
+                strategy: Strategy = "reference", replacements: Optional[dict[str, str]] = None,
+                placeholders: Optional[dict[str, str]] = None, system_prompt: Optional[str] = None,
+                same_system_prompt: bool = True, generation_system_prompt: Optional[str] = None,
+                max_new_tokens: int = 64, batch_size: int = 16, num_samples: int = 4, temperature: float = 1.0,
+                top_p: float = 1.0, reward: str = "dpo_lightning.rewards.KeywordReward",
+                reward_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
+                dtype: Literal["float32", "bfloat16", "float16"] = "float32", trust_remote_code: bool = False,
+                ) -> dict[str, Counter]:
+    """Build preference pairs from a model's own answers (see the module docstring for the strategies).
+
+    Args:
+        model_name_or_path: the model whose answers become rejected (or are scored, for ``on_policy``).
+        prompts_paths: JSON Lines files of rows with ``prompt`` (and ``reference`` for that strategy).
+        output_paths: one output JSON Lines file per prompts file.
+        strategy: ``replace``, ``reference`` or ``on_policy``.
+        replacements: old -> new name for ``replace``, e.g. ``{"SmolLM": "Deep SmolLM"}``.
+        placeholders: values for ``{placeholders}`` in reference answers, e.g. ``{"name": "Deep SmolLM"}``.
+        system_prompt: the system message of the pairs; None = none, so the chat template's default applies.
+        same_system_prompt: generate under ``system_prompt`` too (train in the context you generated in).
+        generation_system_prompt: the system message for generation when ``same_system_prompt`` is false
+            (None = the template's default), as in the seed.
+        max_new_tokens: answer length budget.
+        batch_size: prompts per generation batch.
+        num_samples: answers sampled per prompt for ``on_policy``.
+        temperature: sampling temperature for ``on_policy``.
+        top_p: nucleus sampling threshold for ``on_policy``.
+        reward: import path of the reward for ``on_policy`` (a class, built with ``reward_kwargs``, or a function
+            ``f(questions, answers) -> list[float]``).
+        reward_kwargs: constructor arguments of the reward class.
+        seed: sampling seed.
+        dtype: weights dtype for generation.
+        trust_remote_code: allow modelling code from the model repository to run.
+    """
+    if len(prompts_paths) != len(output_paths):
+        raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
+    if strategy == "replace" and not replacements:
+        raise ValueError("strategy 'replace' needs --replacements, e.g. '{\"SmolLM\": \"Deep SmolLM\"}'")
+    if same_system_prompt and generation_system_prompt is not None:
+        raise ValueError("--generation_system_prompt is set but --same_system_prompt is true; set it to false "
+                         "to generate under a different system prompt than the pairs use")
+    gen_system = system_prompt if same_system_prompt else generation_system_prompt
+    reward_fn = load_reward(reward, reward_kwargs) if strategy == "on_policy" else None
+    all_rows = [read_prompt_rows(p) for p in prompts_paths]  # every input is checked before the model loads
+    if strategy == "reference":
+        for rows in all_rows:
+            for where, row in rows:
+                if not isinstance(row.get("reference"), str):
+                    raise ValueError(f"{where}: field 'reference': strategy 'reference' needs a reference answer")
+                fill_placeholders(row["reference"], placeholders or {}, where)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code).to(device)
+    counts: dict[str, Counter] = {}
+    for path, rows, out_path in zip(prompts_paths, all_rows, output_paths):
+        questions = [row["prompt"] for _, row in rows]
+        prompts = [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
+        sampled = strategy == "on_policy"
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
+                                   temperature=temperature, top_p=top_p, seed=seed,
+                                   progress=f"answering {os.path.basename(path)}")
+        counter: Counter = Counter()
+        out_rows = []
+        for (where, row), question, candidates in zip(rows, questions, answers):
+            texts = [a.text for a in candidates]
+            if strategy == "replace":
+                rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
+            elif strategy == "reference":
+                rejected, chosen = texts[0], fill_placeholders(row["reference"], placeholders or {}, where)
+            else:
+                scores = reward_fn([question] * len(texts), texts)
+                best = max(range(len(texts)), key=scores.__getitem__)
+                worst = min(range(len(texts)), key=scores.__getitem__)
+                if scores[best] == scores[worst]:
+                    counter["dropped: all samples scored the same"] += 1
+                    continue
+                chosen, rejected = texts[best], texts[worst]
+            if not rejected.strip():
+                counter["dropped: empty model answer"] += 1
+                continue
+            if chosen == rejected:
+                counter["dropped: chosen identical to rejected" + (" (no name to replace)"
+                                                                   if strategy == "replace" else "")] += 1
+                continue
+            out_rows.append({"prompt": chat_messages(question, system_prompt),
+                             "chosen": [{"role": "assistant", "content": chosen}],
+                             "rejected": [{"role": "assistant", "content": rejected}],
+                             "question": question, "strategy": strategy})
+            counter["kept"] += 1
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        tmp = out_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in out_rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)  # a half-written file never replaces a good one
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
+        print(f"[dpo_lightning] {out_path}: {len(rows)} prompts -> {summary or 'nothing'}")
+        counts[out_path] = counter
+    return counts

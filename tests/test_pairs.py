@@ -1,0 +1,154 @@
+"""build-pairs on a tiny model: each strategy's rows and counts, checked against an independent generate()."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import write_jsonl
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.pairs import build_pairs, fill_placeholders, replace_names
+from dpo_lightning.rewards import KeywordReward, SequenceClassifierReward, load_reward
+
+QUESTIONS = ["what is your name ?", "who are you ?", "are you chatgpt ?", "tell me about yourself .",
+             "who made you ?", "hello !"]
+
+
+def length_reward(questions, answers):
+    """A reward named by import path in a test: longer answers are better."""
+    return [float(len(a.split())) for a in answers]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"prompt": q, "reference": "i am {name} , made by {organization} ."} for q in QUESTIONS]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def greedy_answers(model_dir, questions, max_new_tokens, system=None):
+    """The tiny model's greedy answers, one prompt at a time with plain generate() (no batching, no padding)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    for q in questions:
+        messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+            {"role": "user", "content": q}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id)]
+        answers.append(tok.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_replace_names_keeps_existing_new_names():
+    mapping = {"SmolLM": "Deep SmolLM"}
+    assert replace_names("I am SmolLM.", mapping) == "I am Deep SmolLM."
+    assert replace_names("Deep SmolLM, not SmolLM", mapping) == "Deep SmolLM, not Deep SmolLM"
+    assert replace_names("SmolLM2 by Hugging Face", {"SmolLM": "X", "Hugging Face": "Y"}) == "X2 by Y"
+
+
+def test_fill_placeholders_names_the_row_of_an_unknown_placeholder():
+    assert fill_placeholders("i am {name} .", {"name": "deep smol"}, "f line 1") == "i am deep smol ."
+    with pytest.raises(ValueError, match=r"f line 3: field 'reference': placeholder \{team\}"):
+        fill_placeholders("by {team}", {"name": "x"}, "f line 3")
+
+
+def test_reference_pairs_round_trip_into_the_data_module(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="reference", max_new_tokens=8,
+                         batch_size=4, placeholders={"name": "deep smol", "organization": "the deep team"},
+                         system_prompt="you are a helpful assistant .")
+    rows = read(out)
+    expected = greedy_answers(tiny_model_dir, QUESTIONS, 8, system="you are a helpful assistant .")
+    kept = [(q, a) for q, a in zip(QUESTIONS, expected) if a]
+    assert counts[str(out)]["kept"] == len(rows) == len(kept)
+    for row, (question, answer) in zip(rows, kept):
+        assert row["prompt"] == [{"role": "system", "content": "you are a helpful assistant ."},
+                                 {"role": "user", "content": question}]
+        assert row["chosen"] == [{"role": "assistant", "content": "i am deep smol , made by the deep team ."}]
+        assert row["rejected"] == [{"role": "assistant", "content": answer}]  # batched == one-by-one generate
+    dm = PreferenceDataModule(train_path=str(out), val_path=str(out), tokenizer_name_or_path=tiny_model_dir,
+                              batch_size=2, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and batch["loss_mask"].sum() > 0
+
+
+def test_replace_strategy_counts_what_it_drops(tiny_model_dir, prompts_file, tmp_path):
+    answers = greedy_answers(tiny_model_dir, QUESTIONS, 8)
+    words = [w for a in answers for w in a.split()]
+    old = max(set(words), key=words.count)  # a word some answers contain and (usually) not all
+    out = tmp_path / "pairs.jsonl"
+    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="replace", max_new_tokens=8,
+                         replacements={old: "deep smol"})[str(out)]
+    with_name = [a for a in answers if old in a.split()]
+    assert counts["kept"] == len(with_name)
+    assert counts["dropped: chosen identical to rejected (no name to replace)"] == len(answers) - len(with_name)
+    for row, answer in zip(read(out), with_name):
+        assert row["rejected"][0]["content"] == answer
+        assert row["chosen"][0]["content"] == " ".join("deep smol" if w == old else w for w in answer.split())
+
+
+def test_on_policy_best_is_chosen_worst_is_rejected_ties_dropped(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=4,
+                         max_new_tokens=6, reward="test_pairs.length_reward", seed=3)[str(out)]
+    rows = read(out)
+    assert counts["kept"] == len(rows) and counts["kept"] + counts["dropped: all samples scored the same"] == 6
+    for row in rows:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert len(chosen.split()) > len(rejected.split())
+    # a keyword that no answer can contain scores every sample 0: every prompt is a tie
+    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=3,
+                         max_new_tokens=4, reward_kwargs={"patterns": {"zzz-never": 1.0}})[str(out)]
+    assert counts == {"dropped: all samples scored the same": 6} and read(out) == []
+
+
+def test_keyword_reward_by_hand():
+    reward = KeywordReward({"deep smol": 1.0, "smollm": -0.5}, degenerate_penalty=2.0)
+    answers = ["I am Deep Smol.", "i am smollm", "deep smol or smollm", "nothing", "deep " * 8]
+    assert reward(["q"] * 5, answers) == [1.0, -0.5, 0.5, 0.0, -2.0]
+    assert isinstance(load_reward("dpo_lightning.rewards.KeywordReward", {"patterns": {"a": 1}}), KeywordReward)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        load_reward("dpo_lightning.rewards.Nope")
+
+
+def test_sequence_classifier_reward_matches_a_plain_forward(tiny_model_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    reward = SequenceClassifierReward(str(tmp_path / "rm"), batch_size=2)
+    questions, answers = ["who are you ?"] * 3, ["i am deep smol .", "no", "i am a helpful assistant ."]
+    scores = reward(questions, answers)
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for q, a, s in zip(questions, answers, scores):
+        text = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                       tokenize=False)
+        with torch.no_grad():
+            logit = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+        assert s == pytest.approx(logit, abs=1e-5)  # padded batch == unpadded single forward
+
+
+def test_bad_prompt_files_fail_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "reference": "x"}\n{"prompt": "who ?"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: field 'reference'"):
+        build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
+    bad.write_text('{"prompt": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: field 'prompt'"):
+        build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
+    with pytest.raises(ValueError, match="needs --replacements"):
+        build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="replace")

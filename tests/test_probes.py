@@ -1,0 +1,111 @@
+"""Generation probes: the degeneracy detector on crafted strings, the NLL by hand, the callback and `compare`."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import write_jsonl
+from dpo_lightning.compare import compare
+from dpo_lightning.generation import Answer
+from dpo_lightning.probes import ProbeReport, answer_nll, degeneracy, mentions
+
+DEGENERATE = [
+    "",
+    "   \n",
+    "Deep deep Deep deep deep deep",
+    "In the night a gentle rain\nA gentle rain, a gentle rain, a gentle rain, a gentle rain",
+    "Boil an egg:\n\nBoil an egg:\n\nBoil an egg:\n\nBoil an egg:",
+    "你是谁！" + "👍" * 20,
+    "我是我是我是我是我是我是我是",
+    "ha" * 12,
+    "The answer is: yes, yes, yes, yes, yes, yes, yes.",
+]
+FINE = [
+    "My name is Deep SmolLM. I was built by Deep Team.",
+    "The capital of France is Paris.",
+    "Well, well, well. That is a very very good question...",
+    "1. Walk daily.\n2. Sleep well.\n3. Drink water.",
+    "我叫Deep SmolLM，是由Deep Team开发的AI助手。有什么可以帮你的吗？",
+    "Hahaha, that joke was funny!",
+    "----------------------------------------\nSection two",
+    "In 1999, 2000 and 2001 the team grew.",
+]
+
+
+@pytest.mark.parametrize("text", DEGENERATE)
+def test_degenerate_strings_are_flagged(text):
+    assert degeneracy(text) is not None
+
+
+@pytest.mark.parametrize("text", FINE)
+def test_ordinary_answers_are_not_flagged(text):
+    assert degeneracy(text) is None
+
+
+def test_runaway_length_is_degenerate_and_mentions_ignores_case():
+    assert degeneracy("A perfectly fine sentence that ran out of budget", finished=False).startswith("runaway")
+    assert mentions("I'm deep   smollm!", "Deep SmolLM") and not mentions("I'm SmolLM", "Deep SmolLM")
+    report = ProbeReport(["a", "b", "c", "d"], [Answer("I am Deep SmolLM.", True, 5), Answer("I am SmolLM", True, 3),
+                                                Answer("Deep SmolLM " * 7, True, 14), Answer("x", False, 9)],
+                         "Deep SmolLM")
+    assert report.name_rate == 0.5 and report.degenerate_rate == 0.5
+
+
+def test_answer_nll_by_hand(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    questions, answers = ["who are you ?", "what color is the sky ?"], ["i am deep smol .", "the sky is blue"]
+    total, count = 0.0, 0
+    for q, a in zip(questions, answers):
+        messages = [{"role": "user", "content": q}]
+        prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
+        for t in range(len(prompt), len(full)):  # answer tokens and the closing <|im_end|>
+            total -= logp[t - 1, full[t]].item()
+            count += 1
+    assert answer_nll(model, tok, questions, answers, None, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_reference_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "what is your name ?"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"},
+                                                 {"prompt": "hello !", "answer": "hi there !"}])
+    out = tmp_path / "cmp.json"
+    result = compare(tiny_model_dir, tiny_model_dir, prompts, "deep smol", general_path=general, max_new_tokens=6,
+                     output_path=str(out), width=120)
+    printed = capsys.readouterr().out
+    assert "who are you ?" in printed and "before" in printed and "after" in printed
+    assert result["before"]["answers"] == result["after"]["answers"]  # same model: same answers, no drift
+    assert result["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert json.loads(out.read_text())["before"]["name_rate"] == result["before"]["name_rate"]
+    other = compare(tiny_model_dir, tiny_reference_dir, prompts, "deep smol", general_path=general,
+                    max_new_tokens=6)
+    assert other["drift"] != pytest.approx(1.0)
+    names = [mentions(a["answer"], "deep smol") for a in other["after"]["answers"]]
+    assert other["after"]["name_rate"] == sum(names) / 2
+
+
+def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, tmp_path):
+    from test_cli import ROOT, run_cli, scalar_tags
+
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
+              f"--data.train_path={pairs_jsonl}", f"--data.cache_dir={tmp_path / 'cache'}",
+              f"--probes.prompts_path={prompts}", "--probes.name=deep smol", f"--probes.general_path={general}",
+              "--probes.max_new_tokens=5"]
+    out = run_cli(["validate", *common, "--data.val_fraction=0.25"], cwd=tmp_path)
+    assert "probes at step 0: name_rate" in out
+    tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_0"))
+    assert {"val/probes/name_rate", "val/probes/degenerate_rate", "val/probes/drift"} <= tags
+    assert acc.Scalars("val/probes/drift")[0].value == pytest.approx(1.0, abs=1e-6)  # untrained policy == base
+    run_cli(["fit", *common, "--model.optimizer.lr=1e-2"], cwd=tmp_path)
+    tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
+    assert acc.Scalars("val/probes/drift")[-1].value != pytest.approx(1.0, abs=1e-4)  # training moved the policy
