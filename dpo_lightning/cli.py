@@ -11,10 +11,11 @@ from jsonargparse import CLI
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .data import PreferenceDataModule
 from .compare import compare
+from .data import PreferenceDataModule
 from .export import HFExport, export_checkpoint
 from .gguf import convert_gguf, fetch_smollm2
+from .guard import NonFiniteGuard
 from .module import DPOModule
 from .pairs import build_pairs
 from .probe_callback import GenerationProbes
@@ -33,6 +34,7 @@ class DPOLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(GenerationProbes, "probes")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -56,5 +58,5 @@ def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
         auto_configure_optimizers=False,
         seed_everything_default=42,
         trainer_defaults={"max_epochs": 1, "callbacks": [LearningRateMonitor(logging_interval="step")]},
-        args=argv,
+        args=args,  # None: LightningCLI reads sys.argv itself
     )

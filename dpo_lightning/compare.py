@@ -39,7 +39,23 @@ def _summary(label: str, report: ProbeReport, base_nll: Optional[float]) -> str:
     return text
 
 
-def compare(base: str, trained: str, prompts_path: str, name: str, general_path: Optional[str] = None,
+def _from_run(run_dir: str) -> dict[str, Any]:
+    """Settings of a ``fit`` run (its ``config.yaml``): base model, exported model and probe settings."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; --run_dir must be a fit run's log directory")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    probes = config.get("probes") or {}
+    export = (config.get("export") or {}).get("dirpath") or os.path.join(run_dir, "hf_model")
+    return {"base": config["model"]["model_name_or_path"], "trained": export, **{
+        k: probes.get(k) for k in ("prompts_path", "name", "general_path", "system_prompt", "max_new_tokens")}}
+
+
+def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_path: Optional[str] = None,
+            name: Optional[str] = None, general_path: Optional[str] = None, run_dir: Optional[str] = None,
             system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 32,
             max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
             dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -52,6 +68,8 @@ def compare(base: str, trained: str, prompts_path: str, name: str, general_path:
         prompts_path: questions: JSON Lines rows with ``prompt`` or a text file, one per line.
         name: the name the trained model should answer with, e.g. ``Deep SmolLM``.
         general_path: JSON Lines general prompts (optional ``answer``); drift is measured on the base's answers.
+        run_dir: a ``fit`` run's log directory: everything above that is unset, and ``system_prompt`` and
+            ``max_new_tokens``, come from its ``config.yaml`` (model, export directory, ``probes`` section).
         system_prompt: system message for the questions; None = the chat template's default.
         max_new_tokens: answer length budget; an answer that does not end within it counts as degenerate.
         batch_size: prompts per generation batch.
@@ -61,6 +79,17 @@ def compare(base: str, trained: str, prompts_path: str, name: str, general_path:
         dtype: weights dtype.
         trust_remote_code: allow modelling code from the model repository to run.
     """
+    if run_dir is not None:
+        run = _from_run(run_dir)
+        base, trained = base or run["base"], trained or run["trained"]
+        prompts_path, name = prompts_path or run["prompts_path"], name or run["name"]
+        general_path = general_path or run["general_path"]
+        system_prompt = system_prompt if system_prompt is not None else run["system_prompt"]
+        max_new_tokens = run["max_new_tokens"] or max_new_tokens
+    missing = [k for k, v in (("base", base), ("trained", trained), ("prompts_path", prompts_path),
+                              ("name", name)) if not v]
+    if missing:
+        raise ValueError(f"compare: set {', '.join('--' + k for k in missing)} (or --run_dir of a run with probes)")
     questions = read_questions(prompts_path)[:max_prompts]
     general_q, general_a = read_general(general_path) if general_path else ([], [])
     device = "cuda" if torch.cuda.is_available() else "cpu"

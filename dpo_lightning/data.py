@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .formats import PreferenceDataError, fingerprint_source, normalize_row, read_rows
+from .sampling import EpochShuffleSampler, ResumableDataLoader
 from .tokenize import tokenize_pair
 
 _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -110,6 +111,8 @@ class PreferenceDataModule(LightningDataModule):
             rows is held out instead.
         val_fraction: share of training rows held out for validation when ``val_path`` is unset (seeded).
         split_seed: seed of that hold-out split.
+        shuffle_seed: seed of the training order; epoch ``e`` uses ``shuffle_seed + e``, so a resumed run
+            sees the same batches as an uninterrupted one.
         train_split: split name for ``save_to_disk`` dataset dicts and hub data sets.
         val_split: split name for ``val_path`` (hub data sets and dataset dicts).
         max_length: maximum prompt + response tokens (see the truncation policy in ``tokenize.py``).
@@ -124,7 +127,7 @@ class PreferenceDataModule(LightningDataModule):
     """
 
     def __init__(self, train_path: str, tokenizer_name_or_path: str, val_path: Optional[str] = None,
-                 val_fraction: float = 0.0, split_seed: int = 42, train_split: str = "train",
+                 val_fraction: float = 0.0, split_seed: int = 42, shuffle_seed: int = 42, train_split: str = "train",
                  val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
@@ -215,9 +218,19 @@ class PreferenceDataModule(LightningDataModule):
     def _collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
 
+    def _start_epoch(self, resuming: bool) -> int:
+        """Set the training order of the trainer's current epoch; return the batches a resumed epoch skips."""
+        if self.trainer is None:
+            return 0
+        loop = self.trainer.fit_loop
+        self.train_sampler.set_epoch(loop.epoch_progress.current.processed)  # the epoch Lightning is in
+        return loop.epoch_loop.batch_progress.current.processed if resuming else 0
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_pairs, batch_size=self.hparams.batch_size, shuffle=True,
-                          collate_fn=self._collator(), num_workers=self.hparams.num_workers)
+        self.train_sampler = EpochShuffleSampler(self.train_pairs, self.hparams.shuffle_seed)
+        return ResumableDataLoader(self.train_pairs, batch_size=self.hparams.batch_size, sampler=self.train_sampler,
+                                   collate_fn=self._collator(), num_workers=self.hparams.num_workers,
+                                   start_epoch=self._start_epoch)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         if not self.val_pairs:

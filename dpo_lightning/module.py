@@ -190,6 +190,13 @@ class DPOModule(LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
-            scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # The schedule's length is set here, not in configure_optimizers: asking for estimated_stepping_batches
+        # there builds the train loader before a checkpoint is restored, and a resumed run would then start
+        # from the wrong batch.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+                scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))

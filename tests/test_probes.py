@@ -21,6 +21,8 @@ DEGENERATE = [
     "你是谁！" + "👍" * 20,
     "我是我是我是我是我是我是我是",
     "ha" * 12,
+    "我是SmolLM。我是一个AI助手，用于提供AI助手。我是一个AI助手，用于提供AI助手。我是AI助手。",
+    "I can help you. I'm here to help with your tasks! Sure. I'm here to help with your tasks.",
     "The answer is: yes, yes, yes, yes, yes, yes, yes.",
 ]
 FINE = [
@@ -30,6 +32,7 @@ FINE = [
     "1. Walk daily.\n2. Sleep well.\n3. Drink water.",
     "我叫Deep SmolLM，是由Deep Team开发的AI助手。有什么可以帮你的吗？",
     "Hahaha, that joke was funny!",
+    "Yes. I can help. Yes. I can help.",  # short sentences may repeat
     "----------------------------------------\nSection two",
     "In 1999, 2000 and 2001 the team grew.",
 ]

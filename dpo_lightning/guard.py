@@ -1,0 +1,42 @@
+"""``NonFiniteGuard``: stop at the first NaN/inf loss or gradient, before it reaches the weights."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+
+class NonFiniteGuard(Callback):
+    """Raise ``FloatingPointError`` when a training loss or a gradient is not finite.
+
+    The check runs before the backward pass (loss) and before the optimizer step (gradients), so the bad update
+    is never applied and no checkpoint with it is written; the last checkpoint on disk is the last good one.
+
+    Args:
+        enabled: set to false to train through non-finite values (not recommended).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def _stop(self, trainer: Trainer, what: str) -> None:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", None) or "none written yet"
+        raise FloatingPointError(
+            f"[dpo_lightning] non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+            f"batch {trainer.fit_loop.epoch_loop.batch_idx}); stopped before the update. Last good checkpoint: "
+            f"{last}. Lower the learning rate, check the data, or use bf16/fp32 instead of fp16.")
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        if self.enabled and not torch.isfinite(loss).all():
+            self._stop(trainer, f"loss ({loss.item()})")
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if not self.enabled:
+            return
+        bad: Optional[str] = next((name for name, p in pl_module.named_parameters()
+                                   if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        if bad is not None:
+            self._stop(trainer, f"gradient in {bad}")

@@ -1,0 +1,53 @@
+"""A run killed mid-epoch and resumed from its last checkpoint ends where an uninterrupted run ends."""
+
+import os
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from safetensors.torch import load_file
+
+from dpo_lightning.cli import cli_main
+from test_cli import ROOT, scalar_tags
+
+
+class KillAt(Callback):
+    """Simulates a crash: raises before the batch that would make optimizer step ``step + 1``."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def fit_args(model_dir, data, root, *extra):
+    return ["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={model_dir}",
+            f"--data.train_path={data}", "--data.val_fraction=0.25", "--data.batch_size=1", "--data.cache_dir=null",
+            "--trainer.max_epochs=2", "--trainer.limit_val_batches=1", "--model.optimizer.lr=1e-2",
+            "--checkpoint.every_n_train_steps=1", f"--trainer.default_root_dir={root}", *extra]
+
+
+@pytest.mark.parametrize("kill_step", [3, 8])  # mid first epoch; mid second epoch (6 batches per epoch)
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tiny_model_dir, pairs_jsonl, tmp_path, kill_step):
+    cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "b", "--trainer.callbacks+=test_resume.KillAt",
+                          f"--trainer.callbacks.step={kill_step}"))
+    last = tmp_path / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == kill_step
+    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "b", f"--ckpt_path={last}"))
+
+    straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    _, a = scalar_tags(str(tmp_path / "a" / "lightning_logs" / "version_0"))
+    _, b = scalar_tags(str(tmp_path / "b" / "lightning_logs" / "version_1"))
+    after = {s.step: s.value for s in a.Scalars("train/loss") if s.step >= kill_step}
+    assert after and {s.step: s.value for s in b.Scalars("train/loss")} == pytest.approx(after, abs=1e-6)
+    assert b.Scalars("val/loss")[-1].value == pytest.approx(a.Scalars("val/loss")[-1].value, abs=1e-6)
