@@ -136,11 +136,13 @@ class DPOModule(LightningModule):
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
         return x, policy.logit_sums
 
-    def _step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+    def _step(self, batch: PreferenceBatch, stage: str, batch_idx: int = 0) -> Tensor:
         x, logit_sums = self.pair_logps(batch)
         terms = {name: LOSSES[name](x, self.loss_params).mean() for name in self.loss_names}
         loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
         n_pairs = x.policy_chosen_logps.shape[0]
+        if stage == "train":
+            loss = self._accumulation_weight(n_pairs, batch_idx) * loss
         values: dict[str, tuple[Tensor, Any]] = {"loss": (loss.detach(), n_pairs)}
         if len(terms) > 1:
             values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
@@ -161,6 +163,21 @@ class DPOModule(LightningModule):
                          batch_size=n_pairs)
         return loss
 
+    def _accumulation_weight(self, n_pairs: int, batch_idx: int) -> float:
+        """Weight of this micro-batch's mean loss so that an accumulation window's gradient is the mean over its
+        pairs, also when the epoch's last window is short or its last batch is smaller (1.0 otherwise).
+        Lightning divides every micro-batch loss by ``accumulate_grad_batches``; this undoes that per pair."""
+        trainer = self._trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if accumulate == 1 or loader is None or not hasattr(loader, "sampler") or not loader.batch_size:
+            return 1.0
+        size, batch = len(loader.sampler), loader.batch_size
+        n_batches = min(-(-size // batch), trainer.num_training_batches)
+        start = (batch_idx // accumulate) * accumulate
+        window = sum(min(batch, size - k * batch) for k in range(start, min(start + accumulate, n_batches)))
+        return n_pairs * accumulate / window
+
     def _reset_metrics(self, stage: str) -> None:
         # States made under one grad mode (validate's inference mode) cannot be updated in place under
         # another (fit's no-grad validation), so each stage starts from fresh states made in its own mode.
@@ -177,7 +194,7 @@ class DPOModule(LightningModule):
         self._reset_metrics("test")
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")

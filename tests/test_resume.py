@@ -51,3 +51,20 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tiny_model_dir, pair
     after = {s.step: s.value for s in a.Scalars("train/loss") if s.step >= kill_step}
     assert after and {s.step: s.value for s in b.Scalars("train/loss")} == pytest.approx(after, abs=1e-6)
     assert b.Scalars("val/loss")[-1].value == pytest.approx(a.Scalars("val/loss")[-1].value, abs=1e-6)
+
+
+def test_accumulation_equals_the_big_batch_with_an_uneven_last_window(tiny_model_dir, pairs_jsonl, tmp_path):
+    """6 training pairs: batch 4 steps on [4, 2]; batch 2 x accumulation 2 on [2+2, 2]. Plain SGD, so equal
+    weights after the epoch mean equal gradients at every step (Adam would hide a gradient scale)."""
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.5", "--trainer.max_epochs=1"]
+    runs = {"big": ["--data.batch_size=4"], "accumulated": ["--data.batch_size=2",
+                                                            "--trainer.accumulate_grad_batches=2"]}
+    weights = {}
+    for name, extra in runs.items():
+        args = fit_args(tiny_model_dir, pairs_jsonl, tmp_path / name, *sgd, *extra)
+        cli_main([a for a in args if not a.startswith(("--data.batch_size", "--trainer.max_epochs"))] + sgd + extra)
+        weights[name] = load_file(tmp_path / name / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(weights["big"][k], base[k]) for k in base)  # training moved the weights
+    for k in base:
+        torch.testing.assert_close(weights["accumulated"][k], weights["big"][k], rtol=0, atol=1e-6, msg=k)
