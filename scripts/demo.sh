@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 "$PY" -m dpo_lightning fetch-smollm2 --output_dir models/SmolLM2-135M-Instruct
-"$PY" -m dpo_lightning build-pairs --config configs/smollm2_identity_pairs.yaml
+"$PY" -m dpo_lightning build-pairs --config configs/pairs/smollm2_identity.yaml
 "$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml
 run_dir=$(ls -td lightning_logs/version_* | head -n 1)
 # held-out questions (never trained on) and general prompts, base vs trained, as configured in the run's probes

@@ -1,12 +1,16 @@
 """build-pairs on a tiny model: each strategy's rows and counts, checked against an independent generate()."""
 
+import glob
 import json
+import os
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_jsonl
+from test_cli import ROOT
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.pairs import build_pairs, fill_placeholders, replace_names
 from dpo_lightning.rewards import KeywordReward, SequenceClassifierReward, load_reward
@@ -152,3 +156,13 @@ def test_bad_prompt_files_fail_before_the_model_loads(tmp_path):
         build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
     with pytest.raises(ValueError, match="needs --replacements"):
         build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="replace")
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "pairs", "*.yaml"))))
+def test_every_shipped_pairs_config_parses(config):
+    parser = ArgumentParser()
+    parser.add_function_arguments(build_pairs)
+    cfg = parser.parse_path(config)
+    assert cfg.strategy in ("replace", "reference", "on_policy") and len(cfg.prompts_paths) == len(cfg.output_paths)
+    for path in cfg.prompts_paths:
+        assert os.path.exists(os.path.join(ROOT, path)), path
