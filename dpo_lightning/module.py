@@ -141,8 +141,6 @@ class DPOModule(LightningModule):
         terms = {name: LOSSES[name](x, self.loss_params).mean() for name in self.loss_names}
         loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
         n_pairs = x.policy_chosen_logps.shape[0]
-        if stage == "train":
-            loss = self._accumulation_weight(n_pairs, batch_idx) * loss
         values: dict[str, tuple[Tensor, Any]] = {"loss": (loss.detach(), n_pairs)}
         if len(terms) > 1:
             values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
@@ -161,7 +159,7 @@ class DPOModule(LightningModule):
                 metric.update(value, weight)
                 self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss",
                          batch_size=n_pairs)
-        return loss
+        return self._accumulation_weight(n_pairs, batch_idx) * loss if stage == "train" else loss
 
     def _accumulation_weight(self, n_pairs: int, batch_idx: int) -> float:
         """Weight of this micro-batch's mean loss so that an accumulation window's gradient is the mean over its
