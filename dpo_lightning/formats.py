@@ -200,6 +200,15 @@ def read_rows(path: str, split: str = "train") -> list[tuple[str, Any]]:
     return rows
 
 
+def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows with a non-empty string ``prompt`` (prompt files for ``build-pairs``, probes and ``compare``)."""
+    rows = read_rows(path)
+    for where, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string")
+    return rows
+
+
 def fingerprint_source(path: str, split: str) -> str:
     """A string that changes whenever the data behind ``path`` changes (used as part of cache keys)."""
     import hashlib

@@ -5,11 +5,11 @@ Used by pair building (the model's own answers), the generation probes and the b
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .formats import Messages
@@ -38,14 +38,6 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    if label:
-        sys.stderr.write(f"\r[dpo_lightning] {label}: {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 @torch.no_grad()
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                      max_new_tokens: int = 128, batch_size: int = 16, num_return_sequences: int = 1,
@@ -54,38 +46,39 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Answer each rendered prompt; returns ``num_return_sequences`` answers per prompt, in prompt order.
 
     Prompts are sorted by length and left-padded in batches, so padding stays small; ``progress`` is the
-    label of a progress line on stderr (none when empty).
+    label of a progress bar (none when empty).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state() if seed is not None else None
-    if seed is not None:
-        torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[list[Answer]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                             top_k=None, use_cache=True, num_return_sequences=num_return_sequences, pad_token_id=pad_id,
-                             eos_token_id=eos_ids)
-        new = out[:, width:].cpu()
-        for k, seq in enumerate(new):
-            results[idx[k // num_return_sequences]].append(_answer(seq.tolist(), eos_ids, pad_id, tokenizer))
-        _progress(min(start + batch_size, len(order)), len(order), progress)
-    if generator_state is not None:
-        torch.random.set_rng_state(generator_state)
+    bar = tqdm(total=len(order), desc=f"[dpo_lightning] {progress}", disable=not progress, leave=False)
+    # a seed fixes the samples without moving the caller's random state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                                 top_k=None, use_cache=True, num_return_sequences=num_return_sequences,
+                                 pad_token_id=pad_id, eos_token_id=eos_ids)
+            new = out[:, width:].cpu()
+            for k, seq in enumerate(new):
+                results[idx[k // num_return_sequences]].append(_answer(seq.tolist(), eos_ids, pad_id, tokenizer))
+            bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return results
 

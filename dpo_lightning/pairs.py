@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .formats import read_prompt_rows
 from .generation import chat_messages, generate_answers, render_prompt
 from .rewards import load_reward
 
@@ -50,26 +51,6 @@ def fill_placeholders(template: str, values: dict[str, str], where: str) -> str:
                              f"set it in --placeholders (known: {sorted(values)})")
         return values[key]
     return re.sub(r"\{(\w+)\}", sub, template)
-
-
-def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """JSON Lines rows with a string ``prompt`` (and, for ``reference``, a string ``reference``)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise ValueError(f"{where}: field 'prompt': expected a non-empty string")
-            rows.append((where, row))
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
 
 
 def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths: list[str],
@@ -116,12 +97,13 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     gen_system = system_prompt if same_system_prompt else generation_system_prompt
     reward_fn = load_reward(reward, reward_kwargs) if strategy == "on_policy" else None
     all_rows = [read_prompt_rows(p) for p in prompts_paths]  # every input is checked before the model loads
+    references: dict[str, str] = {}  # filled reference answer by row location
     if strategy == "reference":
         for rows in all_rows:
             for where, row in rows:
                 if not isinstance(row.get("reference"), str):
                     raise ValueError(f"{where}: field 'reference': strategy 'reference' needs a reference answer")
-                fill_placeholders(row["reference"], placeholders or {}, where)
+                references[where] = fill_placeholders(row["reference"], placeholders or {}, where)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
@@ -142,7 +124,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
             elif strategy == "reference":
-                rejected, chosen = texts[0], fill_placeholders(row["reference"], placeholders or {}, where)
+                rejected, chosen = texts[0], references[where]
             else:
                 scores = reward_fn([question] * len(texts), texts)
                 best = max(range(len(texts)), key=scores.__getitem__)

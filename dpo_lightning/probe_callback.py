@@ -42,14 +42,10 @@ class GenerationProbes(Callback):
         self.general: tuple[list[str], list[str]] = ([], [])
         self.base_nll: Optional[float] = None
         self.last_report: Optional[ProbeReport] = None
-        self.history: list[dict[str, float]] = []
 
     @property
     def enabled(self) -> bool:
         return bool(self.prompts_path)
-
-    def _tokenizer(self, trainer: Trainer):
-        return trainer.datamodule.tokenizer
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Read the questions and measure the base on the general answers, once."""
@@ -58,7 +54,7 @@ class GenerationProbes(Callback):
         self.questions = read_questions(self.prompts_path)[:self.max_prompts]
         if self.general_path:
             base = pl_module.reference if pl_module.reference is not None else pl_module.policy
-            tokenizer = self._tokenizer(trainer)
+            tokenizer = trainer.datamodule.tokenizer
             questions, answers = read_general(self.general_path)
             answers = base_general_answers(base, tokenizer, questions, answers, self.system_prompt,
                                            self.max_new_tokens, self.batch_size)
@@ -75,7 +71,7 @@ class GenerationProbes(Callback):
         values = {}
         if trainer.is_global_zero:
             self._prepare(trainer, pl_module)
-            report = probe(pl_module.policy, self._tokenizer(trainer), self.questions, self.name,
+            report = probe(pl_module.policy, trainer.datamodule.tokenizer, self.questions, self.name,
                            self.system_prompt, self.max_new_tokens, self.batch_size, *self.general)
             self.last_report = report
             values = {"val/probes/name_rate": report.name_rate, "val/probes/degenerate_rate": report.degenerate_rate}
@@ -84,7 +80,6 @@ class GenerationProbes(Callback):
                 values["val/probes/drift"] = report.general_nll / self.base_nll
             for key, value in values.items():
                 pl_module.log(key, value, rank_zero_only=True)
-            self.history.append(dict(values, step=trainer.global_step))
             rank_zero_info("[dpo_lightning] probes at step {}: {}".format(
                 trainer.global_step, ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items())))
             if self.log_answers and isinstance(trainer.logger, TensorBoardLogger):
