@@ -11,17 +11,18 @@ from typing import Optional, TypedDict
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .formats import PreferenceDataError, fingerprint_source, normalize_row, read_rows
+from .formats import BadRowPolicy, PreferenceDataError, fingerprint_source, normalize_row, read_rows
 from .sampling import EpochShuffleSampler, ResumableDataLoader
 from .tokenize import tokenize_pair
 
 _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
 
 
 class PreferenceBatch(TypedDict):
@@ -69,25 +70,42 @@ class PreferenceCollator:
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],
-                  max_prompt_length: Optional[int], rows: Optional[list] = None) -> tuple[list[dict], Counter]:
+                  max_prompt_length: Optional[int], rows: Optional[list] = None,
+                  on_bad_row: BadRowPolicy = "error") -> tuple[list[dict], Counter]:
     """Read, normalise and tokenize every row of ``path``; returns the kept pairs and the counts of what
-    happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``)."""
-    rows = read_rows(path, split) if rows is None else rows
+    happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``).
+
+    A bad row raises :class:`PreferenceDataError` naming file, row and field; under ``on_bad_row="skip"`` it is
+    counted by kind (``dropped: bad row, <kind>``) and its message is logged instead."""
+    rows = read_rows(path, split, on_bad_row) if rows is None else rows
     counts: Counter = Counter(read=len(rows))
-    kept = []
+    kept, skipped = [], []
     for where, raw in tqdm(rows, desc=f"Tokenizing {os.path.basename(path) or path}", disable=len(rows) < 2000):
-        pair = normalize_row(raw, where)
-        if pair.identical:
-            counts["dropped: chosen identical to rejected"] += 1
+        try:
+            if isinstance(raw, PreferenceDataError):  # a line the reader could not parse (skip policy)
+                raise raw
+            pair = normalize_row(raw, where)
+            if pair.identical:
+                counts["dropped: chosen identical to rejected"] += 1
+                continue
+            tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length)
+        except PreferenceDataError as error:
+            if on_bad_row == "error" or error.kind is None:
+                raise
+            counts[f"dropped: bad row, {error.kind}"] += 1
+            skipped.append(str(error))
             continue
-        tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length)
         if tok is None:
             counts[f"dropped: prompt leaves no room within max_length {max_length}"] += 1
             continue
         counts["truncated: prompt cut to max_prompt_length"] += tok.prompt_truncated
         counts["truncated: response cut to max_length"] += tok.completion_truncated
-        counts["note: template renders the prompt differently inside the conversation"] += tok.boundary_mismatch
+        counts["note: last prompt token merged with the response"] += tok.boundary_mismatch
         kept.append({c: getattr(tok, c) for c in _COLUMNS})
+    for message in skipped[:MAX_LOGGED_SKIPS]:
+        rank_zero_warn(f"[dpo_lightning] skipped (data.on_bad_row=skip): {message}")
+    if len(skipped) > MAX_LOGGED_SKIPS:
+        rank_zero_warn(f"[dpo_lightning] ... and {len(skipped) - MAX_LOGGED_SKIPS} more skipped rows in {path}")
     if not kept:
         raise PreferenceDataError(f"{path}: no usable pairs ({summarize(counts)})")
     return kept, counts
@@ -123,6 +141,10 @@ class PreferenceDataModule(LightningDataModule):
         pad_to_multiple_of: pad sequence length to a multiple of this (8 helps tensor cores).
         cache_dir: where tokenized data is cached, keyed by data content, tokenizer and settings;
             ``None`` disables caching.
+        on_bad_row: what a bad row does (malformed JSON, a missing or mistyped field, an empty completion,
+            no shared prompt, bytes that are not UTF-8, a template that does not split prompt and completion):
+            ``error`` stops with a message naming file, row and field; ``skip`` counts it by kind, logs it and goes
+            on. Identical chosen/rejected and prompts with no room left are always counted drops.
         trust_remote_code: allow tokenizer code from the model repository to run.
     """
 
@@ -131,7 +153,7 @@ class PreferenceDataModule(LightningDataModule):
                  val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
-                 trust_remote_code: bool = False) -> None:
+                 on_bad_row: BadRowPolicy = "error", trust_remote_code: bool = False) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -144,6 +166,7 @@ class PreferenceDataModule(LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_pairs: Optional[list[dict]] = None
         self.val_pairs: Optional[list[dict]] = None
+        self.written: list[str] = []  # cache files this process wrote (only one process per node writes)
 
     # ------------------------------------------------------------------------------------------- setup
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -164,11 +187,12 @@ class PreferenceDataModule(LightningDataModule):
         tok = self.tokenizer
         key = json.dumps([source, extra, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
                           tok.chat_template, tok.eos_token, self.hparams.max_length, self.hparams.max_prompt_length,
-                          "v1"])
+                          self.hparams.on_bad_row, "v2"])
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", f"{name}-{digest}.json")
 
-    def _load(self, name: str, path: str, split: str, rows: Optional[list] = None, extra: str = "") -> list[dict]:
+    def _load(self, name: str, path: str, split: str, rows: Optional[list], extra: str, write: bool) -> list[dict]:
+        """Tokenized pairs from the cache, or tokenized now (and cached when ``write``)."""
         cache = self._cache_path(name, path, split, extra)
         if cache and os.path.exists(cache):
             with open(cache) as f:
@@ -177,42 +201,62 @@ class PreferenceDataModule(LightningDataModule):
             origin = "cached"
         else:
             pairs, counts = tokenize_rows(path, split, self.tokenizer, self.hparams.max_length,
-                                          self.hparams.max_prompt_length, rows)
+                                          self.hparams.max_prompt_length, rows, self.hparams.on_bad_row)
             origin = "tokenized"
-            if cache:
+            if cache and write:
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
                 tmp = f"{cache}.{os.getpid()}.tmp"
                 with open(tmp, "w") as f:
                     json.dump({"pairs": pairs, "counts": dict(counts)}, f)
-                os.replace(tmp, cache)  # atomic: concurrent ranks never read half a file
+                os.replace(tmp, cache)  # atomic: a reader never sees half a file
+                self.written.append(cache)
         rank_zero_info(f"[dpo_lightning] {name} data {path} ({origin}): {summarize(counts)}")
         return pairs
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def _sources(self, stage: Optional[str]) -> list[tuple[str, str, str, Optional[list], str]]:
+        """``(name, path, split, rows, cache key extra)`` of each data set ``stage`` still needs."""
         hp = self.hparams
         want_train = stage in (None, "fit") and self.train_pairs is None
         want_val = self.val_pairs is None and (hp.val_path is not None or hp.val_fraction > 0)
+        if hp.val_path is not None or hp.val_fraction == 0:
+            return ([("val", hp.val_path, hp.val_split, None, "")] if want_val else []) + \
+                   ([("train", hp.train_path, hp.train_split, None, "")] if want_train else [])
         if not (want_train or want_val):
+            return []
+        rows = read_rows(hp.train_path, hp.train_split, hp.on_bad_row)
+        order = list(range(len(rows)))
+        random.Random(hp.split_seed).shuffle(order)
+        n_val = max(1, round(len(rows) * hp.val_fraction))
+        key = f"fraction={hp.val_fraction},seed={hp.split_seed}"
+        out = []
+        if want_val:
+            out.append(("val", hp.train_path, hp.train_split, [rows[i] for i in sorted(order[:n_val])], "val:" + key))
+        if want_train:
+            out.append(("train", hp.train_path, hp.train_split, [rows[i] for i in sorted(order[n_val:])],
+                        "train:" + key))
+        return out
+
+    def prepare_data(self) -> None:
+        """Tokenize into the cache. Lightning runs this on one process per node before ``setup``, so only that
+        process writes; the others read its files in ``setup``."""
+        if self.hparams.cache_dir is None:
+            return
+        self.load_tokenizer()
+        stage = self.trainer.state.fn if self.trainer is not None else None  # "fit", "validate", ...
+        for name, path, split, rows, extra in self._sources(stage):
+            cache = self._cache_path(name, path, split, extra)
+            if cache and not os.path.exists(cache):
+                self._load(name, path, split, rows, extra, write=True)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        sources = self._sources(stage)
+        if not sources:
             return  # Lightning calls setup once per stage; keep what is already loaded
         self.load_tokenizer()
-        if hp.val_path is None and hp.val_fraction > 0:
-            rows = read_rows(hp.train_path, hp.train_split)
-            order = list(range(len(rows)))
-            random.Random(hp.split_seed).shuffle(order)
-            n_val = max(1, round(len(rows) * hp.val_fraction))
-            split_key = f"fraction={hp.val_fraction},seed={hp.split_seed}"
-            if want_val:
-                val_rows = [rows[i] for i in sorted(order[:n_val])]
-                self.val_pairs = self._load("val", hp.train_path, hp.train_split, val_rows, "val:" + split_key)
-            if want_train:
-                train_rows = [rows[i] for i in sorted(order[n_val:])]
-                self.train_pairs = self._load("train", hp.train_path, hp.train_split, train_rows,
-                                              "train:" + split_key)
-            return
-        if want_val:
-            self.val_pairs = self._load("val", hp.val_path, hp.val_split)
-        if want_train:
-            self.train_pairs = self._load("train", hp.train_path, hp.train_split)
+        for name, path, split, rows, extra in sources:
+            # under a trainer the cache was written by prepare_data; used on its own, setup writes it
+            pairs = self._load(name, path, split, rows, extra, write=self.trainer is None)
+            setattr(self, f"{name}_pairs", pairs)
 
     # ------------------------------------------------------------------------------------- dataloaders
     def _collator(self) -> PreferenceCollator:
@@ -227,7 +271,8 @@ class PreferenceDataModule(LightningDataModule):
         return loop.epoch_loop.batch_progress.current.processed if resuming else 0
 
     def train_dataloader(self) -> DataLoader:
-        self.train_sampler = EpochShuffleSampler(self.train_pairs, self.hparams.shuffle_seed)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        self.train_sampler = EpochShuffleSampler(self.train_pairs, self.hparams.shuffle_seed, world, rank)
         return ResumableDataLoader(self.train_pairs, batch_size=self.hparams.batch_size, sampler=self.train_sampler,
                                    collate_fn=self._collator(), num_workers=self.hparams.num_workers,
                                    start_epoch=self._start_epoch)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -12,12 +14,30 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 
 def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str) -> str:
-    """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory."""
-    os.makedirs(output_dir, exist_ok=True)
-    policy.config.use_cache = True  # turned off for training; generation wants it back
-    policy.save_pretrained(output_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
+    """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory.
+
+    The files are written to a sibling temporary directory that then replaces ``output_dir``, so an interrupted
+    export leaves either the old directory or the new one, never a half-written mix.
+    """
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    try:
+        policy.config.use_cache = True  # turned off for training; generation wants it back
+        policy.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+            os.replace(output_dir, os.path.join(old, "previous"))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output_dir
 
 
@@ -32,6 +52,7 @@ class HFExport(Callback):
     def __init__(self, dirpath: Optional[str] = None, enabled: bool = True) -> None:
         self.dirpath, self.enabled = dirpath, enabled
         self.saved_to: Optional[str] = None
+        self.written: list[str] = []  # what this process wrote: only global rank 0 writes
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
@@ -41,6 +62,7 @@ class HFExport(Callback):
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = getattr(datamodule, "tokenizer", None)
             save_policy(pl_module.policy, tokenizer, dirpath)
+            self.written.append(dirpath)
             rank_zero_info(f"[dpo_lightning] exported the trained policy to {dirpath}")
         self.saved_to = dirpath
         trainer.strategy.barrier("hf_export")

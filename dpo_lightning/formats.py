@@ -17,14 +17,27 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]
 
 
 class PreferenceDataError(ValueError):
-    """Bad preference data; the message names the file, row and field."""
+    """Bad preference data; the message names the file, row and field.
+
+    ``kind`` names the kind of bad row (e.g. ``malformed JSON``) when the problem is confined to one row, so that
+    ``on_bad_row="skip"`` can count and skip it; it is ``None`` for problems no row can escape (an empty file, a
+    tokenizer without a chat template), which always stop the run.
+    """
+
+    def __init__(self, message: str, kind: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+BAD_ROW_POLICIES = ("error", "skip")
+BadRowPolicy = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
@@ -45,21 +58,21 @@ class PreferencePair:
         return self.chosen == self.rejected
 
 
-def _bad(where: str, field: str, problem: str) -> PreferenceDataError:
-    return PreferenceDataError(f"{where}: field '{field}': {problem}")
+def _bad(where: str, field: str, problem: str, kind: str) -> PreferenceDataError:
+    return PreferenceDataError(f"{where}: field '{field}': {problem}", kind)
 
 
 def _check_messages(value: Any, where: str, field: str) -> Messages:
     if not isinstance(value, list) or not value:
-        raise _bad(where, field, f"expected a non-empty list of messages, got {type(value).__name__}")
+        raise _bad(where, field, f"expected a non-empty list of messages, got {type(value).__name__}", "wrong type")
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise _bad(where, f"{field}[{i}]", f"expected a message dict, got {type(message).__name__}")
+            raise _bad(where, f"{field}[{i}]", f"expected a message dict, got {type(message).__name__}", "wrong type")
         for key in ("role", "content"):
             if key not in message:
-                raise _bad(where, f"{field}[{i}].{key}", "missing")
+                raise _bad(where, f"{field}[{i}].{key}", "missing", "missing field")
         if not isinstance(message["role"], str) or not isinstance(message["content"], str):
-            raise _bad(where, f"{field}[{i}]", "'role' and 'content' must be strings")
+            raise _bad(where, f"{field}[{i}]", "'role' and 'content' must be strings", "wrong type")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -79,10 +92,10 @@ def _split_conversation(chosen: Messages, rejected: Messages, where: str) -> tup
         return chosen[:-1], chosen[-1:], rejected[-1:]  # identical pair: caller decides what to do
     if n == 0:
         raise _bad(where, "chosen", "chosen and rejected share no leading message, so there is no prompt; "
-                   "add a 'prompt' field or start both with the same messages")
+                   "add a 'prompt' field or start both with the same messages", "no shared prompt")
     if n == len(chosen) or n == len(rejected):
         field = "chosen" if n == len(chosen) else "rejected"
-        raise _bad(where, field, "empty completion: every message is part of the shared prompt")
+        raise _bad(where, field, "empty completion: every message is part of the shared prompt", "empty completion")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -100,10 +113,10 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
     """Turn one raw row into a :class:`PreferencePair`, or raise :class:`PreferenceDataError`."""
     if not isinstance(row, dict):
         raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got "
-                                  f"{type(row).__name__}")
+                                  f"{type(row).__name__}", "not an object")
     for field in ("chosen", "rejected"):
         if field not in row or row[field] is None:
-            raise _bad(where, field, f"missing (fields present: {sorted(row)})")
+            raise _bad(where, field, f"missing (fields present: {sorted(row)})", "missing field")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(prompt, list):  # explicit conversational prompt
         prompt = _check_messages(prompt, where, "prompt")
@@ -115,12 +128,14 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
         chosen = _check_messages(chosen, where, "chosen")
         rejected = _check_messages(rejected, where, "rejected")
         if prompt is not None:
-            raise _bad(where, "prompt", "a string prompt cannot be combined with message-list completions")
+            raise _bad(where, "prompt", "a string prompt cannot be combined with message-list completions",
+                       "wrong type")
         prompt, chosen, rejected = _split_conversation(chosen, rejected, where)
     else:
         for field, value in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
             if value is not None and not isinstance(value, str):
-                raise _bad(where, field, f"expected a string or a list of messages, got {type(value).__name__}")
+                raise _bad(where, field, f"expected a string or a list of messages, got {type(value).__name__}",
+                           "wrong type")
         if prompt is None:
             prompt, chosen, rejected = _split_text(chosen, rejected)
     for field, value in (("chosen", chosen), ("rejected", rejected)):
@@ -128,32 +143,39 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
             break  # reported as an identical pair, not as an empty completion
         text = value if isinstance(value, str) else "".join(m["content"] for m in value)
         if not text.strip():
-            raise _bad(where, field, "empty completion")
+            raise _bad(where, field, "empty completion", "empty completion")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _read_json_lines(path: str) -> Iterator[tuple[str, Any]]:
+def _read_json_lines(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` per non-blank line; a line that cannot be read is raised, or yielded as its
+    :class:`PreferenceDataError` under ``on_bad_row="skip"``."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path} line {lineno}"
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PreferenceDataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 yield where, json.loads(line)
+            except UnicodeDecodeError as e:
+                error = PreferenceDataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)", "not UTF-8")
             except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+                error = PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}",
+                                            "malformed JSON")
+            else:
+                continue
+            if on_bad_row == "error":
+                raise error
+            yield where, error
 
 
-def _read_json(path: str) -> Iterator[tuple[str, Any]]:
+def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if not head.startswith(b"["):
-        yield from _read_json_lines(path)
+        yield from _read_json_lines(path, on_bad_row)
         return
     try:
         with open(path, encoding="utf-8") as f:
@@ -185,12 +207,18 @@ def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {i}", row
 
 
-def read_rows(path: str, split: str = "train") -> list[tuple[str, Any]]:
-    """All raw rows of a local file, a ``save_to_disk`` directory or a hub data set, with their locations."""
+def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error") -> list[tuple[str, Any]]:
+    """All raw rows of a local file, a ``save_to_disk`` directory or a hub data set, with their locations.
+
+    A JSON Lines line that is not UTF-8 or not JSON raises; under ``on_bad_row="skip"`` it comes back as its
+    :class:`PreferenceDataError` in place of the row, for the caller to count.
+    """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     if path.endswith((".jsonl", ".json")):
         if not os.path.exists(path):
             raise PreferenceDataError(f"{path}: file not found")
-        rows = list(_read_json(path))
+        rows = list(_read_json(path, on_bad_row))
     else:
         if path.endswith((".parquet", ".csv")) and not os.path.exists(path):
             raise PreferenceDataError(f"{path}: file not found")

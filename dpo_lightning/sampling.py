@@ -2,33 +2,28 @@
 
 Lightning stores the ``state_dict`` of a loader that has one in the checkpoint and hands it back on resume, so a
 run killed mid-epoch continues with exactly the batches it had not seen, in the same order (see
-``tests/test_resume.py``). Under DDP Lightning wraps the sampler in a ``DistributedSamplerWrapper``: each rank
-takes its shard of the same seeded order.
+``tests/test_resume.py``). Under DDP each rank takes its strided share of the same seeded order.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sized
 
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(len(data))`` that depends only on ``seed`` and the epoch (``set_epoch``)."""
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's share of a permutation of ``range(len(data))`` that depends only on ``seed`` and the epoch.
 
-    def __init__(self, data: Sized, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = len(data), seed, 0
+    Position ``i`` of the epoch's permutation goes to rank ``i % num_replicas``, so with ``B`` pairs per device
+    the ranks' step-``k`` batches together are positions ``[k*B*W, (k+1)*B*W)``: exactly the batch one process
+    with ``B*W`` pairs trains on at step ``k`` (``tests/test_ddp.py``). When the data does not divide evenly, the
+    first positions are repeated, as ``DistributedSampler`` does. Being a ``DistributedSampler``, Lightning uses
+    it as it is instead of wrapping it in a second, differently seeded shuffle.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, data: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
 
 
 class ResumableDataLoader(DataLoader):

@@ -14,6 +14,9 @@ Truncation policy (every truncated or dropped pair is counted by the caller):
    the answer);
 2. a response that does not fit in ``max_length`` after the prompt keeps its *first* tokens;
 3. a pair whose prompt alone leaves no room for a response token is dropped.
+
+A row whose template does not split prompt and completion (the prompt's tokens are not a prefix of prompt +
+response, beyond one token merged across the boundary, or the response renders to nothing) is a bad row.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from typing import Optional
 from transformers import PreTrainedTokenizerBase
 
 from .formats import PreferenceDataError, PreferencePair, common_prefix_length
+
+# A prompt's last token may merge with the response's first (``"Answer: "`` + ``"Yes"``); the response then starts
+# one token earlier, as TRL's split does. A longer disagreement means the template renders the prompt differently
+# inside the conversation, and is a bad row.
+MAX_BOUNDARY_MERGE = 1
 
 
 @dataclass
@@ -63,12 +71,21 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
     prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer)
     prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids),
                      common_prefix_length(prompt_ids, prompt_rejected_ids))
+    if len(prompt_ids) - prompt_len > MAX_BOUNDARY_MERGE:
+        raise PreferenceDataError(
+            f"{pair.where}: field 'prompt': the {'chat template' if pair.conversational else 'tokenizer'} does not "
+            f"split prompt and completion: the prompt's {len(prompt_ids)} tokens are not a prefix of prompt + "
+            f"response (they agree on {prompt_len}), so the response's tokens cannot be told apart",
+            "template does not split prompt and completion")
     out = TokenizedPair(prompt_ids=prompt_ids[:prompt_len], chosen_ids=prompt_chosen_ids[prompt_len:],
                         rejected_ids=prompt_rejected_ids[prompt_len:],
                         boundary_mismatch=prompt_len < len(prompt_ids))
     for field in ("chosen", "rejected"):
         if not getattr(out, f"{field}_ids"):
-            raise PreferenceDataError(f"{pair.where}: field '{field}': empty completion after tokenization")
+            raise PreferenceDataError(
+                f"{pair.where}: field '{field}': empty completion after tokenization (does the "
+                f"{'chat template render the assistant turn' if pair.conversational else 'text survive the tokenizer'}?)",
+                "template does not split prompt and completion")
     if max_prompt_length is not None and len(out.prompt_ids) > max_prompt_length:
         out.prompt_ids = out.prompt_ids[len(out.prompt_ids) - max_prompt_length:]
         out.prompt_truncated = True

@@ -19,8 +19,8 @@ TB_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"
               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
 
 
-def run_cli(args, cwd):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def run_cli(args, cwd, extra_path=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, extra_path) if p)}
     proc = subprocess.run([sys.executable, "-m", "dpo_lightning", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
