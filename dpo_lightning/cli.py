@@ -10,7 +10,9 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from .checkpoint_io import AtomicCheckpointIO
 from .compare import compare
 from .data import PreferenceDataModule
 from .export import HFExport, export_checkpoint
@@ -35,6 +37,15 @@ class DPOLightningCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(GenerationProbes, "probes")
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+
+    def instantiate_trainer(self, **kwargs):
+        """Checkpoints go through :class:`AtomicCheckpointIO` unless the config names its own ``CheckpointIO``."""
+        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

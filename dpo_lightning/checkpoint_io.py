@@ -1,0 +1,42 @@
+"""Checkpoint files that are either the old one or the new one, never half of one.
+
+Lightning's default ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lies in the
+system temp directory; committing it is ``shutil.move``, which becomes a plain copy onto the checkpoint when the
+two are on different file systems (``/tmp`` on tmpfs, checkpoints on disk), and a kill during that copy leaves a
+truncated ``last.ckpt``. Here the temporary file sits next to the checkpoint, is flushed to disk, and
+``os.replace`` (atomic on POSIX within one file system) puts it in place.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with same-directory temporary files and ``os.replace`` for local paths; remote paths
+    (``s3://``...) go through Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+        fs = get_filesystem(path)
+        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) or storage_options:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise

@@ -1,0 +1,158 @@
+"""Fail early on bad configs, atomic checkpoint and export writes, and the safety defaults."""
+
+import inspect
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpo_lightning.checkpoint_io as checkpoint_io
+from dpo_lightning import compare, data, export, module, pairs, rewards
+from dpo_lightning.checkpoint_io import AtomicCheckpointIO
+from dpo_lightning.cli import cli_main
+from dpo_lightning.export import export_checkpoint, save_policy
+from test_cli import ROOT
+
+
+def fit_args(tmp_path, model_dir, data_path, *extra):
+    return ["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={model_dir}",
+            f"--data.train_path={data_path}", "--data.batch_size=1", "--data.cache_dir=null",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", *extra]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if any model or tokenizer is loaded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(module.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(data.AutoTokenizer, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["--model.betta=0.2"], "betta"),  # unknown key
+    (["--data.batch_sise=4"], "batch_sise"),
+    (["--model.beta=high"], "model.beta"),  # wrong type
+    (["--data.on_bad_row=ignore"], "on_bad_row"),
+    (["--trainer.max_epochs=two"], "trainer.max_epochs"),
+])
+def test_bad_config_keys_and_types_stop_before_any_model_loads(no_model_loading, tiny_model_dir, pairs_jsonl,
+                                                                tmp_path, capsys, extra, key):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *extra))
+    assert exit_info.value.code != 0
+    assert key in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_config_file_is_named(no_model_loading, tiny_model_dir, pairs_jsonl, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  beta: 0.1\n  los_type: ipo\n")
+    with pytest.raises(SystemExit):
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--config", str(config)))
+    assert "los_type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.max_length=64", "--data.max_prompt_length=64"], "data.max_prompt_length"),
+    (["--model.loss_type=[sigmoid,sft]", "--model.loss_weights=[1.0]"], "model.loss_weights"),
+    (["--model.beta=-1"], "model.beta"),
+    (["--model.label_smoothing=0.7"], "model.label_smoothing"),
+    (["--data.val_fraction=1.0"], "data.val_fraction"),
+])
+def test_impossible_combinations_stop_before_any_model_loads(no_model_loading, tiny_model_dir, pairs_jsonl, tmp_path,
+                                                             extra, message):
+    with pytest.raises(ValueError, match=message):
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *extra))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint(tiny_model_dir, pairs_jsonl, tmp_path,
+                                                                         monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_then_die(obj, f, *args, **kwargs):  # the third save writes half its bytes, then the process "dies"
+        saves.append(obj["global_step"])
+        if len(saves) < 3:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise _Interrupted
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_then_die)
+    with pytest.raises(_Interrupted):
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--checkpoint.every_n_train_steps=1",
+                          "--export.enabled=false"))
+    ckpt_dir = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert os.listdir(ckpt_dir) == ["last.ckpt"]  # no temporary file left behind
+    checkpoint = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == saves[1] == 2
+    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
+
+
+def test_the_cli_writes_checkpoints_through_the_atomic_writer(tiny_model_dir, pairs_jsonl, tmp_path):
+    cli = cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+                            "--export.enabled=false"))
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_an_export_killed_halfway_leaves_the_previous_export(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = tmp_path / "hf_model"
+    save_policy(model, tok, str(out))
+    before = load_file(out / "model.safetensors")
+
+    class DiesWhileSaving:
+        def save_pretrained(self, path):
+            (tmp_path / "marker").write_text(path)
+            with open(os.path.join(path, "tokenizer.json"), "w") as f:
+                f.write("{half")
+            raise _Interrupted
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(_Interrupted):
+        save_policy(model, DiesWhileSaving(), str(out))
+    after = load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the old export, whole
+    assert AutoTokenizer.from_pretrained(out) is not None
+    assert sorted(os.listdir(tmp_path)) == ["hf_model", "marker"]  # the half-written directory is gone
+
+
+def test_trust_remote_code_is_off_by_default_everywhere():
+    entry_points = [module.DPOModule.__init__, data.PreferenceDataModule.__init__, pairs.build_pairs,
+                    compare.compare, export.export_checkpoint, rewards.SequenceClassifierReward.__init__]
+    for fn in entry_points:
+        assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__qualname__
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_load_weights_only_and_pickled_code_is_refused(tiny_model_dir, pairs_jsonl, tmp_path):
+    cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=2"))
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "hf_model" / "model.safetensors").exists()
+    assert not list((run / "hf_model").glob("*.bin"))  # weights as safetensors only
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.load(ckpt, weights_only=True)  # a dpo_lightning checkpoint is plain tensors and containers
+    evil = tmp_path / "evil.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["payload"] = Payload()
+    with open(evil, "wb") as f:
+        pickle.dump(checkpoint, f)  # not even a torch zip file: plain pickle with a code-running reduce
+    torch.save({**torch.load(ckpt, weights_only=True), "payload": Payload()}, tmp_path / "evil2.ckpt")
+    for path in (evil, tmp_path / "evil2.ckpt"):
+        with pytest.raises(RuntimeError, match="refusing to unpickle"):
+            export_checkpoint(str(path), str(tmp_path / "out"))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, f"--ckpt_path={tmp_path / 'evil2.ckpt'}"))
