@@ -12,12 +12,16 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .fsdp import full_policy_state_dict, is_fsdp
 
-def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str) -> str:
+
+def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str,
+                state_dict: Optional[dict] = None) -> str:
     """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory.
 
     The files are written to a sibling temporary directory that then replaces ``output_dir``, so an interrupted
-    export leaves either the old directory or the new one, never a half-written mix.
+    export leaves either the old directory or the new one, never a half-written mix. ``state_dict`` replaces the
+    model's own weights (the gathered weights of a sharded model).
     """
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
@@ -25,7 +29,7 @@ def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizer
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
     try:
         policy.config.use_cache = True  # turned off for training; generation wants it back
-        policy.save_pretrained(tmp, safe_serialization=True)
+        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.exists(output_dir):
@@ -58,10 +62,11 @@ class HFExport(Callback):
         if not self.enabled or trainer.interrupted:
             return
         dirpath = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        state = full_policy_state_dict(trainer) if is_fsdp(trainer) else None  # a collective: every rank
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = getattr(datamodule, "tokenizer", None)
-            save_policy(pl_module.policy, tokenizer, dirpath)
+            save_policy(pl_module.policy, tokenizer, dirpath, state)
             self.written.append(dirpath)
             rank_zero_info(f"[dpo_lightning] exported the trained policy to {dirpath}")
         self.saved_to = dirpath

@@ -8,6 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from .fsdp import is_fsdp
 from .probes import ProbeReport, answer_nll, base_general_answers, probe, read_general, read_questions
 
 
@@ -60,6 +61,11 @@ class GenerationProbes(Callback):
                                            self.max_new_tokens, self.batch_size)
             self.general = (questions, answers)
             self.base_nll = answer_nll(base, tokenizer, questions, answers, self.system_prompt)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.enabled and is_fsdp(trainer):
+            raise ValueError("probes: generation probes run on global rank 0 and need the whole model, which FSDP "
+                             "shards; set probes.prompts_path to null and run `compare` on the exported model")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and pl_module.reference is None:
