@@ -17,11 +17,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+try:
+    from typing import NotRequired
+except ImportError:  # Python 3.10
+    from typing_extensions import NotRequired
+
 from .formats import BadRowPolicy, PreferenceDataError, fingerprint_source, normalize_row, read_rows
 from .sampling import EpochShuffleSampler, ResumableDataLoader
 from .tokenize import tokenize_pair
 
 _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_KEY = "ref_logps"  # precomputed reference log-probs of a pair, [chosen, rejected] (reference_cache.py)
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
 
 
@@ -31,6 +37,7 @@ class PreferenceBatch(TypedDict):
     input_ids: Tensor  # (2B, T) prompt + response, right-padded with pad_token_id
     attention_mask: Tensor  # (2B, T) 1 on real tokens
     loss_mask: Tensor  # (2B, T) 1 on response tokens: the tokens whose log-probs are summed
+    ref_logps: NotRequired[Tensor]  # (2B,) precomputed reference log-probs, chosen then rejected
 
 
 class PreferenceCollator:
@@ -66,7 +73,10 @@ class PreferenceCollator:
             input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
             attention_mask[i, :n] = 1
             loss_mask[i, n_prompt:n] = 1
-        return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+        batch = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+        if all(REF_KEY in e for e in examples):  # attached by model.precompute_ref_log_probs
+            batch[REF_KEY] = torch.tensor([e[REF_KEY][side] for side in (0, 1) for e in examples])
+        return batch
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],

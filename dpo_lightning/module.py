@@ -7,10 +7,12 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from . import reference_cache
 from .data import PreferenceBatch
 from .logprobs import response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
@@ -46,6 +48,10 @@ class DPOModule(LightningModule):
         disable_dropout: turn dropout off in policy and reference (as the DPO reference code and TRL do).
         trust_remote_code: allow modelling code from the model repository to run.
         logits_chunk_size: response positions per LM-head chunk; bounds the logits memory.
+        precompute_ref_log_probs: compute the reference log-probs of every train and validation pair once, before
+            training (cached on disk under ``data.cache_dir``, reused across runs), and never load the reference
+            for the steps: less memory, and no reference forward per step (as TRL's option of the same name).
+        precompute_batch_size: pairs per batch of that pass; the data's batch size when unset.
         optimizer: optimizer factory (default AdamW, lr 1e-6).
         scheduler: learning-rate schedule factory (default linear warmup for 10% of the run, then linear decay).
     """
@@ -57,6 +63,7 @@ class DPOModule(LightningModule):
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
+                 precompute_ref_log_probs: bool = False, precompute_batch_size: Optional[int] = None,
                  optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
         super().__init__()
         self.loss_names: list[str] = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -107,9 +114,60 @@ class DPOModule(LightningModule):
         self.policy.config.use_cache = False
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.needs_reference:
-            path = self.hparams.reference_name_or_path or self.hparams.model_name_or_path
-            self.reference = self._load(path).eval().requires_grad_(False)
+        if self.needs_reference and self.hparams.precompute_ref_log_probs:
+            self._precompute_reference()
+        elif self.needs_reference:
+            self.reference = self._load(self._reference_path).eval().requires_grad_(False)
+
+    @property
+    def _reference_path(self) -> str:
+        return self.hparams.reference_name_or_path or self.hparams.model_name_or_path
+
+    def _precompute_reference(self) -> None:
+        """Attach reference log-probs to every train/val pair of the data module (from the cache, or computed now
+        with a reference loaded for this pass only); see ``reference_cache.py``."""
+        trainer, hp = self._trainer, self.hparams
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "train_pairs"):
+            raise ValueError("model.precompute_ref_log_probs needs a trainer with the PreferenceDataModule")
+        todo = [(name, pairs) for name, pairs in (("train", dm.train_pairs), ("val", dm.val_pairs))
+                if pairs and any(reference_cache.REF_KEY not in p for p in pairs)]
+        if not todo:
+            return
+        settings = [reference_cache.weights_fingerprint(self._reference_path), hp.dtype, hp.attn_implementation,
+                    str(trainer.precision), "v1"]
+        cache_dir = getattr(dm.hparams, "cache_dir", None)
+        files = {name: reference_cache.cache_file(cache_dir, name, pairs, settings) if cache_dir else None
+                 for name, pairs in todo}
+        cached = {name: reference_cache.load(files[name], len(pairs)) if files[name] else None for name, pairs in todo}
+        strategy = trainer.strategy
+        if strategy.reduce_boolean_decision(all(v is not None for v in cached.values()), all=True):
+            for name, pairs in todo:
+                reference_cache.attach(pairs, cached[name])
+            rank_zero_info(f"[dpo_lightning] reference log-probs from the cache ({', '.join(files.values())}); "
+                           "the reference model is not loaded")
+            return
+        reference = self._load(self._reference_path).eval().requires_grad_(False).to(strategy.root_device)
+        world, rank = trainer.world_size, trainer.global_rank
+        for name, pairs in todo:
+            mine = pairs[rank::world]  # each rank its strided share; gathered below
+            part = reference_cache.compute_reference_logps(
+                reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
+                strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,
+                desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero)
+            logps = part
+            if world > 1:
+                rows = -(-len(pairs) // world)
+                padded = torch.zeros(rows, 2)
+                padded[:len(part)] = part
+                gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # (world, rows, 2)
+                logps = gathered.transpose(0, 1).reshape(-1, 2)[:len(pairs)]  # position i came from rank i % world
+            reference_cache.attach(pairs, logps)
+            if files[name] and trainer.is_global_zero:
+                reference_cache.save(files[name], logps)
+        del reference  # released: the steps read the attached log-probs
+        rank_zero_info(f"[dpo_lightning] reference log-probs computed for {', '.join(n for n, _ in todo)}; "
+                       "the reference model is released")
 
     def train(self, mode: bool = True) -> "DPOModule":
         super().train(mode)
@@ -127,10 +185,16 @@ class DPOModule(LightningModule):
         """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         policy = response_logps(self.policy, *inputs, chunk_size=self.hparams.logits_chunk_size)
-        if self.reference is not None:
+        if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
+            reference = batch[reference_cache.REF_KEY].to(policy.logps)
+        elif self.reference is not None:
             with torch.no_grad():
                 reference = response_logps(self.reference, *inputs,
                                            chunk_size=self.hparams.logits_chunk_size).logps
+        elif self.needs_reference:
+            raise RuntimeError("a batch without reference log-probs, and no reference model: with "
+                               "model.precompute_ref_log_probs every pair must come from the data module's train or "
+                               "validation data")
         else:
             reference = torch.zeros_like(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))

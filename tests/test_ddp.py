@@ -13,26 +13,31 @@ TOL = 1e-5  # absolute, on every logged metric: fp32 sums over different groupin
 def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tiny_reference_dir, pairs_jsonl,
                                                              tmp_path):
     runs = {}
-    for world, per_device in ((1, 2), (2, 1)):  # global batch 2 pairs per step in both
-        run_dir = tmp_path / f"world{world}"
+    # global batch 2 pairs per step in all three; the last one precomputes the reference log-probs, each rank its
+    # share, gathered so that every rank has all of them
+    for key, world, per_device, extra in ((1, 1, 2, []), (2, 2, 1, []),
+                                          ("pre", 2, 1, ["--model.precompute_ref_log_probs=true"])):
+        run_dir = tmp_path / f"run{key}"
         os.makedirs(run_dir)
         run_cli(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                  f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference_name_or_path={tiny_reference_dir}",
                  f"--data.train_path={pairs_jsonl}", f"--data.batch_size={per_device}",
                  f"--data.cache_dir={run_dir / 'cache'}", "--trainer.enable_progress_bar=false",
                  f"--trainer.devices={world}", "--trainer.strategy=" + ("ddp" if world > 1 else "auto"),
-                 "--trainer.callbacks+=ddp_recorder.RecordRank", f"--trainer.callbacks.out_dir={run_dir / 'record'}"],
+                 "--trainer.callbacks+=ddp_recorder.RecordRank", f"--trainer.callbacks.out_dir={run_dir / 'record'}",
+                 *extra],
                 cwd=run_dir, extra_path=os.path.join(ROOT, "tests"))
         _, acc = scalar_tags(str(run_dir / "lightning_logs" / "version_0"))
         records = [json.loads((run_dir / "record" / f"rank{r}.json").read_text()) for r in range(world)]
-        runs[world] = (acc, records)
+        runs[key] = (acc, records)
 
     (acc1, (one,)), (acc2, ranks) = runs[1], runs[2]
-    for m in TB_METRICS:
-        for stage in ("train", "val"):
-            a, b = acc1.Scalars(f"{stage}/{m}"), acc2.Scalars(f"{stage}/{m}")
-            assert [s.step for s in a] == [s.step for s in b], (stage, m)
-            assert [s.value for s in b] == pytest.approx([s.value for s in a], abs=TOL), (stage, m)
+    for acc in (acc2, runs["pre"][0]):
+        for m in TB_METRICS:
+            for stage in ("train", "val"):
+                a, b = acc1.Scalars(f"{stage}/{m}"), acc.Scalars(f"{stage}/{m}")
+                assert [s.step for s in a] == [s.step for s in b], (stage, m)
+                assert [s.value for s in b] == pytest.approx([s.value for s in a], abs=TOL), (stage, m)
     assert abs(acc1.Scalars("val/rewards/margins")[-1].value - acc1.Scalars("val/rewards/margins")[0].value) > 1e-3
 
     # each step, the two ranks train on disjoint halves of the pairs the single process trains on together
@@ -49,3 +54,5 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tin
     # only rank 0 wrote the tokenized cache and the exported model
     assert len(ranks[0]["data_written"]) == 2 and ranks[1]["data_written"] == []
     assert ranks[0]["export_written"] and ranks[1]["export_written"] == []
+    pre = runs["pre"][1]
+    assert len(pre[0]["data_written"]) == 2 and pre[1]["data_written"] == []

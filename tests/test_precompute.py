@@ -1,0 +1,81 @@
+"""model.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across runs,
+and no reference model held during the steps."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_lightning import module as module_lib
+from dpo_lightning.cli import cli_main
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.module import DPOModule
+from test_cli import ROOT, TB_METRICS, scalar_tags
+
+TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differently padded batches
+
+
+def fit(tmp_path, name, model_dir, reference_dir, data, *extra):
+    root = tmp_path / name
+    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                    f"--model.model_name_or_path={model_dir}", f"--model.reference_name_or_path={reference_dir}",
+                    f"--data.train_path={data}", f"--data.cache_dir={tmp_path / 'cache'}",
+                    "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra])
+    return cli, root / "lightning_logs" / "version_0"
+
+
+def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_model_dir, tiny_reference_dir,
+                                                                          pairs_jsonl, tmp_path, monkeypatch):
+    loads = []
+    real_load = DPOModule._load
+    monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
+
+    _, plain_dir = fit(tmp_path, "plain", tiny_model_dir, tiny_reference_dir, pairs_jsonl)
+    assert loads == [tiny_model_dir, tiny_reference_dir]
+    loads.clear()
+    cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
+                       "--model.precompute_ref_log_probs=true", "--model.precompute_batch_size=3")
+    assert loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
+    assert cli.model.reference is None  # ... and released: no reference during the steps
+    assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2  # train and val
+
+    _, plain = scalar_tags(str(plain_dir))
+    _, pre = scalar_tags(str(pre_dir))
+    for stage in ("train", "val"):  # 2 shuffled epochs: the log-probs follow their pairs
+        for m in TB_METRICS:
+            a, b = plain.Scalars(f"{stage}/{m}"), pre.Scalars(f"{stage}/{m}")
+            assert [s.value for s in b] == pytest.approx([s.value for s in a], abs=TOL), (stage, m)
+    assert abs(plain.Scalars("val/rewards/margins")[-1].value) > 1e-3
+    a = load_file(plain_dir / "hf_model" / "model.safetensors")
+    b = load_file(pre_dir / "hf_model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # a second run finds the cache and never loads the reference
+    loads.clear()
+    _, again_dir = fit(tmp_path, "again", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
+                       "--model.precompute_ref_log_probs=true")
+    assert loads == [tiny_model_dir]
+    _, again = scalar_tags(str(again_dir))
+    assert [s.value for s in again.Scalars("train/loss")] == pytest.approx(
+        [s.value for s in pre.Scalars("train/loss")], abs=TOL)
+
+    # other settings (here the reference itself) give a new cache entry, not a stale hit
+    fit(tmp_path, "other_ref", tiny_model_dir, tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=true",
+        "--trainer.max_steps=1")
+    assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 4
+
+
+def test_a_batch_without_reference_log_probs_is_refused(tiny_model_dir, pairs_jsonl):
+    dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, cache_dir=None)
+    dm.setup("fit")
+    model = DPOModule(tiny_model_dir, precompute_ref_log_probs=True)
+    model.policy = model._load(tiny_model_dir)  # the reference was never loaded
+    with pytest.raises(RuntimeError, match="without reference log-probs"):
+        model.pair_logps(dm._collator()(dm.train_pairs[:2]))
+    batch = dm._collator()([{**p, "ref_logps": [-1.0, -2.0]} for p in dm.train_pairs[:2]])
+    assert batch["ref_logps"].tolist() == [-1.0, -1.0, -2.0, -2.0]  # chosen rows then rejected rows
+    x, _ = model.pair_logps(batch)
+    assert x.reference_chosen_logps.tolist() == [-1.0, -1.0] and x.reference_rejected_logps.tolist() == [-2.0, -2.0]
+    assert module_lib.reference_cache.REF_KEY == "ref_logps"
+    assert torch.is_tensor(x.policy_chosen_logps)
