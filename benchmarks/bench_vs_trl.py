@@ -49,7 +49,7 @@ def run_ours(args) -> dict:
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             times.append(time.perf_counter())
 
-    model = DPOModule(args.model)
+    model = DPOModule(args.model, precompute_ref_log_probs=args.precompute)
     trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)
@@ -74,7 +74,8 @@ def run_trl(args) -> dict:
     config = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch_size,
                            gradient_accumulation_steps=args.accumulation, max_steps=args.steps + 1,
                            max_length=args.max_length, bf16=False, report_to="none", logging_steps=1000,
-                           save_strategy="no", use_cpu=not torch.cuda.is_available())
+                           save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                           precompute_ref_log_probs=args.precompute)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
                              args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()])
@@ -113,7 +114,11 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
-    parser.add_argument("--side", choices=["ours", "trl", "plain"], help="internal: run one side and print JSON")
+    parser.add_argument("--sides", default="ours,trl,ours+pre,trl+pre,plain",
+                        help="what to run, in order: ours, trl, plain; '+pre' precomputes reference log-probs "
+                             "(not timed: it happens before the first step)")
+    parser.add_argument("--side", help="internal: run one side and print JSON")
+    parser.add_argument("--precompute", action="store_true", help="internal: precompute reference log-probs")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.side:
@@ -122,23 +127,32 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    for side in ("ours", "trl", "plain"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
+    base = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    for label in args.sides.split(","):
+        side, _, pre = label.partition("+")
+        command = [sys.executable, __file__, *base, "--side", side] + (["--precompute"] if pre else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        results[side] = json.loads(line[0][len("RESULT "):])
-    tokens_per_pair = results["ours"]["tokens_per_pair"]
+            sys.exit(f"{label} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        results[label] = json.loads(line[0][len("RESULT "):])
+    tokens_per_pair = next(r["tokens_per_pair"] for r in results.values() if "tokens_per_pair" in r)
     print(f"model {args.model}, batch {args.batch_size} x accumulation {args.accumulation}, max_length "
           f"{args.max_length}, {args.steps} timed steps, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'side':8s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s}")
-    for side, r in results.items():
+    print(f"{'side':9s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s}")
+    for label, r in results.items():
         r["pairs_per_s"] = r["pairs"] / r["seconds"]
-        print(f"{side:8s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} {r['peak_memory_gb']:8.2f}")
-    ours, trl, plain = results["ours"], results["trl"], results["plain"]
-    print(f"ours/TRL speed {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x, "
-          f"memory {ours['peak_memory_gb'] / trl['peak_memory_gb']:.2f}x; "
-          f"ours/plain forward+backward speed {ours['pairs_per_s'] / plain['pairs_per_s']:.2f}x")
+        print(f"{label:9s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} "
+              f"{r['peak_memory_gb']:8.2f}")
+    for ours, trl in (("ours", "trl"), ("ours+pre", "trl+pre")):
+        if ours in results and trl in results:
+            a, b = results[ours], results[trl]
+            print(f"{ours}/{trl}: speed {a['pairs_per_s'] / b['pairs_per_s']:.2f}x, "
+                  f"memory {a['peak_memory_gb'] / b['peak_memory_gb']:.2f}x")
+    for ours in ("ours", "ours+pre"):
+        if ours in results and "plain" in results:
+            print(f"{ours}/plain forward+backward: speed "
+                  f"{results[ours]['pairs_per_s'] / results['plain']['pairs_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
