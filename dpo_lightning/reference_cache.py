@@ -27,9 +27,15 @@ from .logprobs import response_logps
 
 
 def weights_fingerprint(path: str) -> str:
-    """Names, sizes and modification times of a local model directory's files; the path itself for hub ids."""
+    """Names, sizes and modification times of a model directory's files. A hub id is resolved to its local
+    snapshot directory (whose path holds the commit hash); the id alone when it is not downloaded yet."""
     if not os.path.isdir(path):
-        return path
+        try:
+            from transformers.utils import cached_file
+
+            path = os.path.dirname(cached_file(path, "config.json", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the local hub cache: the id is all there is to key on
+            return path
     entries = []
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):

@@ -29,8 +29,8 @@ from transformers import PreTrainedTokenizerBase
 from .formats import PreferenceDataError, PreferencePair, common_prefix_length
 
 # A prompt's last token may merge with the response's first (``"Answer: "`` + ``"Yes"``); the response then starts
-# one token earlier, as TRL's split does. A longer disagreement means the template renders the prompt differently
-# inside the conversation, and is a bad row.
+# one token earlier, the merged token counting as response (counted as a note). A longer disagreement means the
+# template renders the prompt differently inside the conversation, and is a bad row.
 MAX_BOUNDARY_MERGE = 1
 
 
