@@ -9,13 +9,14 @@ truncated ``last.ckpt``. Here the temporary file sits next to the checkpoint, is
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .atomic import atomic_open
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,16 +28,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) or storage_options:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)

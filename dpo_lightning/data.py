@@ -22,6 +22,7 @@ try:
 except ImportError:  # Python 3.10
     from typing_extensions import NotRequired
 
+from .atomic import atomic_open
 from .formats import BadRowPolicy, PreferenceDataError, fingerprint_source, normalize_row, read_rows
 from .sampling import EpochShuffleSampler, ResumableDataLoader
 from .tokenize import tokenize_pair
@@ -214,11 +215,8 @@ class PreferenceDataModule(LightningDataModule):
                                           self.hparams.max_prompt_length, rows, self.hparams.on_bad_row)
             origin = "tokenized"
             if cache and write:
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                tmp = f"{cache}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
+                with atomic_open(cache) as f:  # a reader never sees half a file
                     json.dump({"pairs": pairs, "counts": dict(counts)}, f)
-                os.replace(tmp, cache)  # atomic: a reader never sees half a file
                 self.written.append(cache)
         rank_zero_info(f"[dpo_lightning] {name} data {path} ({origin}): {summarize(counts)}")
         return pairs

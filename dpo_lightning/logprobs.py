@@ -12,18 +12,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .losses import sequence_logps
+from .losses import sequence_logps, upcast
 
 
 class ResponseLogps(NamedTuple):
     logps: Tensor  # (2B,) summed log-probs of each response
     tokens: Tensor  # (2B,) response lengths
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """fp32 for bf16/fp16 tensors; wider dtypes stay as they are."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _plain_head(model: nn.Module) -> bool:
@@ -49,7 +44,7 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     tokens = target_mask.sum(-1)
     if not _plain_head(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logit_sums = (_upcast(logits[:, :-1]).mean(-1) * target_mask).sum(-1)
+        logit_sums = (upcast(logits[:, :-1]).mean(-1) * target_mask).sum(-1)
         return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
 
     backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
@@ -60,11 +55,11 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     head = model.get_output_embeddings()
     token_logps, token_logit_means = [], []
     for start in range(0, h.shape[0], chunk_size):
-        logits = _upcast(head(h[start:start + chunk_size]))  # (n, V)
+        logits = upcast(head(h[start:start + chunk_size]))  # (n, V)
         token_logps.append(logits.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
                            - torch.logsumexp(logits, dim=-1))
         token_logit_means.append(logits.detach().mean(-1))
-    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=_upcast(h).dtype)
+    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=upcast(h).dtype)
     if not token_logps:
         return ResponseLogps(zeros, tokens, zeros)
     logps = zeros.index_add(0, rows, torch.cat(token_logps))

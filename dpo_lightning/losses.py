@@ -33,6 +33,11 @@ class LossParams:
     dpop_lambda: float = 50.0  # DPOP penalty weight
 
 
+def upcast(t: Tensor) -> Tensor:
+    """fp32 for bf16/fp16 tensors; wider dtypes stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     """Summed log-probs of the masked tokens, from full logits (the plain reference path).
 
@@ -43,8 +48,7 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tens
     Returns:
         (2B,) sum over response tokens of log p(token | tokens before it).
     """
-    logits = logits[:, :-1]
-    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (2B, T-1, V)
+    logps = torch.log_softmax(upcast(logits[:, :-1]), dim=-1)  # (2B, T-1, V)
     token_logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
     return (token_logps * loss_mask[:, 1:]).sum(-1)
 

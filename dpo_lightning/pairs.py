@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .atomic import atomic_open
 from .formats import read_prompt_rows
 from .generation import chat_messages, generate_answers, render_prompt
 from .rewards import load_reward
@@ -145,12 +146,9 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                              "rejected": [{"role": "assistant", "content": rejected}],
                              "question": question, "strategy": strategy})
             counter["kept"] += 1
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        tmp = out_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)  # a half-written file never replaces a good one
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
         print(f"[dpo_lightning] {out_path}: {len(rows)} prompts -> {summary or 'nothing'}")
         counts[out_path] = counter

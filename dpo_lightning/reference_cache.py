@@ -16,19 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_open
 from .data import REF_KEY  # the pair field and the batch key
+from .formats import fingerprint_source
 from .logprobs import response_logps
 
 
 def weights_fingerprint(path: str) -> str:
-    """Names, sizes and modification times of a model directory's files. A hub id is resolved to its local
-    snapshot directory (whose path holds the commit hash); the id alone when it is not downloaded yet."""
+    """Names, sizes and modification times of a model directory's files (``formats.fingerprint_source``). A hub id
+    is resolved to its local snapshot directory (whose path holds the commit hash); the id alone when it is not
+    downloaded yet."""
     if not os.path.isdir(path):
         try:
             from transformers.utils import cached_file
@@ -36,12 +40,7 @@ def weights_fingerprint(path: str) -> str:
             path = os.path.dirname(cached_file(path, "config.json", local_files_only=True))
         except Exception:  # noqa: BLE001 - not in the local hub cache: the id is all there is to key on
             return path
-    entries = []
-    for root, _, files in sorted(os.walk(path)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            entries.append(f"{os.path.relpath(full, path)}|{os.path.getsize(full)}|{os.path.getmtime(full)}")
-    return os.path.abspath(path) + "|" + "|".join(entries)
+    return fingerprint_source(os.path.abspath(path), split="")
 
 
 def cache_file(cache_dir: str, name: str, pairs: list[dict], settings: list[Any]) -> str:
@@ -69,7 +68,7 @@ def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Ca
         index = order[start:start + batch_size]
         batch = collate([pairs[i] for i in index])
         inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")]
-        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+        with autocast() if autocast is not None else nullcontext():
             logps = response_logps(reference, *inputs, chunk_size=chunk_size).logps.float().cpu()  # (2B,)
         out[index] = torch.stack(logps.chunk(2), dim=-1)  # (B, 2)
     return out
@@ -82,10 +81,8 @@ def attach(pairs: list[dict], logps: Tensor) -> None:
 
 
 def save(path: str, logps: Tensor) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(logps, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(logps, f)
 
 
 def load(path: str, n_pairs: int) -> Optional[Tensor]:
