@@ -13,15 +13,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .fsdp import full_policy_state_dict, is_fsdp
+from .lora import apply_lora, is_peft_model, merged_state_dict
 
 
 def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str,
-                state_dict: Optional[dict] = None) -> str:
+                state_dict: Optional[dict] = None, adapter: bool = False) -> str:
     """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory.
 
     The files are written to a sibling temporary directory that then replaces ``output_dir``, so an interrupted
     export leaves either the old directory or the new one, never a half-written mix. ``state_dict`` replaces the
-    model's own weights (the gathered weights of a sharded model).
+    model's own weights (the gathered weights of a sharded model). A peft model is saved as plain weights with its
+    adapters merged (``adapter=False``) or as the adapter alone (``adapter=True``).
     """
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
@@ -29,7 +31,12 @@ def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizer
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
     try:
         policy.config.use_cache = True  # turned off for training; generation wants it back
-        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if is_peft_model(policy) and adapter:
+            policy.save_pretrained(tmp, safe_serialization=True)
+        elif is_peft_model(policy):
+            policy.get_base_model().save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(policy))
+        else:
+            policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.exists(output_dir):
@@ -66,7 +73,8 @@ class HFExport(Callback):
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = getattr(datamodule, "tokenizer", None)
-            save_policy(pl_module.policy, tokenizer, dirpath, state)
+            adapter = getattr(pl_module.hparams, "lora_export", "merged") == "adapter"
+            save_policy(pl_module.policy, tokenizer, dirpath, state, adapter=adapter)
             self.written.append(dirpath)
             rank_zero_info(f"[dpo_lightning] exported the trained policy to {dirpath}")
         self.saved_to = dirpath
@@ -97,19 +105,30 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_name_or_path: Optio
     base = model_name_or_path or hparams.get("model_name_or_path")
     if base is None:
         raise ValueError(f"{ckpt_path}: no model_name_or_path in the checkpoint; pass --model_name_or_path")
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    policy = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     state = {k[len("policy."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
     if not state:
         raise ValueError(f"{ckpt_path}: the checkpoint holds no policy weights")
-    try:
-        policy.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{ckpt_path}: the policy weights do not fit {base}: {e}") from None
-    policy = policy.to(next(iter(state.values())).dtype)
+    if hparams.get("use_peft"):  # the checkpoint holds the adapters; the frozen base comes from its path
+        policy = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code,
+                                                      dtype=next(iter(state.values())).dtype)
+        policy = apply_lora(policy, hparams.get("lora_r", 16), hparams.get("lora_alpha", 32.0),
+                            hparams.get("lora_dropout", 0.0), hparams.get("lora_target_modules"))
+        result = policy.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"{ckpt_path}: the adapter weights do not fit {base}: unexpected "
+                             f"{result.unexpected_keys[:5]}, missing {missing[:5]}")
+    else:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        policy = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        try:
+            policy.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt_path}: the policy weights do not fit {base}: {e}") from None
+        policy = policy.to(next(iter(state.values())).dtype)
     tok_path = tokenizer_name_or_path or checkpoint.get("datamodule_hyper_parameters", {}).get(
         "tokenizer_name_or_path", base)
     tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    save_policy(policy, tokenizer, output_dir)
+    save_policy(policy, tokenizer, output_dir, adapter=hparams.get("lora_export") == "adapter")
     print(f"[dpo_lightning] wrote {output_dir} from {ckpt_path}")
     return output_dir

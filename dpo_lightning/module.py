@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from . import reference_cache
+from . import lora, reference_cache
 from .data import PreferenceBatch
 from .logprobs import response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
@@ -52,6 +53,16 @@ class DPOModule(LightningModule):
             training (cached on disk under ``data.cache_dir``, reused across runs), and never load the reference
             for the steps: less memory, and no reference forward per step (as TRL's option of the same name).
         precompute_batch_size: pairs per batch of that pass; the data's batch size when unset.
+        use_peft: train LoRA adapters (needs ``peft``: ``pip install 'dpo_lightning[lora]'``) instead of every
+            weight. The reference is then the policy with its adapters switched off: no second copy in memory
+            (unless ``reference_name_or_path`` names another model). Checkpoints hold the adapters only.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scale numerator (the update is ``alpha / r * B @ A``).
+        lora_dropout: dropout on the adapters' input.
+        lora_target_modules: module names to adapt, e.g. ``[q_proj, v_proj]``; every linear layer except the
+            output head when unset.
+        lora_export: what the end-of-fit export writes: ``merged`` (plain ``transformers`` weights with the adapters
+            folded in) or ``adapter`` (peft's ``adapter_model.safetensors`` + ``adapter_config.json``).
         optimizer: optimizer factory (default AdamW, lr 1e-6).
         scheduler: learning-rate schedule factory (default linear warmup for 10% of the run, then linear decay).
     """
@@ -64,6 +75,9 @@ class DPOModule(LightningModule):
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
                  precompute_ref_log_probs: bool = False, precompute_batch_size: Optional[int] = None,
+                 use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                 lora_target_modules: Optional[list[str]] = None,
+                 lora_export: Literal["merged", "adapter"] = "merged",
                  optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
         super().__init__()
         self.loss_names: list[str] = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -78,6 +92,10 @@ class DPOModule(LightningModule):
             raise ValueError(f"model.beta must be positive, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if use_peft:
+            lora.require_peft()
+            if lora_r <= 0:
+                raise ValueError(f"model.lora_r must be positive, got {lora_r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_params = LossParams(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
@@ -94,6 +112,12 @@ class DPOModule(LightningModule):
     @property
     def needs_reference(self) -> bool:
         return not self.hparams.reference_free and not set(self.loss_names) <= REFERENCE_FREE_LOSSES
+
+    @property
+    def shares_reference(self) -> bool:
+        """LoRA with no other reference named: the reference is the policy with its adapters off."""
+        hp = self.hparams
+        return hp.use_peft and hp.reference_name_or_path in (None, hp.model_name_or_path)
 
     # ------------------------------------------------------------------------------------------ models
     def _load(self, path: str) -> PreTrainedModel:
@@ -112,11 +136,15 @@ class DPOModule(LightningModule):
             return
         self.policy = self._load(self.hparams.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
-        if self.hparams.gradient_checkpointing:
+        hp = self.hparams
+        if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.needs_reference and self.hparams.precompute_ref_log_probs:
+        if hp.use_peft:
+            self.policy = lora.apply_lora(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
+                                          hp.lora_target_modules)
+        if self.needs_reference and hp.precompute_ref_log_probs:
             self._precompute_reference()
-        elif self.needs_reference:
+        elif self.needs_reference and not self.shares_reference:
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
 
     @property
@@ -147,27 +175,39 @@ class DPOModule(LightningModule):
             rank_zero_info(f"[dpo_lightning] reference log-probs from the cache ({', '.join(files.values())}); "
                            "the reference model is not loaded")
             return
-        reference = self._load(self._reference_path).eval().requires_grad_(False).to(strategy.root_device)
-        world, rank = trainer.world_size, trainer.global_rank
-        for name, pairs in todo:
-            mine = pairs[rank::world]  # each rank its strided share; gathered below
-            part = reference_cache.compute_reference_logps(
-                reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
-                strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,
-                desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero)
-            logps = part
-            if world > 1:
-                rows = -(-len(pairs) // world)
-                padded = torch.zeros(rows, 2)
-                padded[:len(part)] = part
-                gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # (world, rows, 2)
-                logps = gathered.transpose(0, 1).reshape(-1, 2)[:len(pairs)]  # position i came from rank i % world
-            reference_cache.attach(pairs, logps)
-            if files[name] and trainer.is_global_zero:
-                reference_cache.save(files[name], logps)
+        with ExitStack() as stack:
+            if self.shares_reference:  # the policy before any step, adapters off: no second model loaded
+                reference = self.policy.to(strategy.root_device)
+                stack.enter_context(lora.adapters_disabled(reference))
+            else:
+                reference = self._load(self._reference_path).eval().requires_grad_(False).to(strategy.root_device)
+            for name, pairs in todo:
+                self._attach_reference_logps(reference, name, pairs, files[name], dm)
         del reference  # released: the steps read the attached log-probs
         rank_zero_info(f"[dpo_lightning] reference log-probs computed for {', '.join(n for n, _ in todo)}; "
                        "the reference model is released")
+
+    def _attach_reference_logps(self, reference: nn.Module, name: str, pairs: list[dict], file: Optional[str],
+                                dm: Any) -> None:
+        """Compute ``reference``'s log-probs of ``pairs`` (each DDP rank its strided share, then gathered), attach
+        them, and save them to ``file`` (global rank 0)."""
+        trainer, hp, strategy = self._trainer, self.hparams, self._trainer.strategy
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = pairs[rank::world]  # each rank its strided share; gathered below
+        part = reference_cache.compute_reference_logps(
+            reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
+            strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,
+            desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero)
+        logps = part
+        if world > 1:
+            rows = -(-len(pairs) // world)
+            padded = torch.zeros(rows, 2)
+            padded[:len(part)] = part
+            gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # (world, rows, 2)
+            logps = gathered.transpose(0, 1).reshape(-1, 2)[:len(pairs)]  # position i came from rank i % world
+        reference_cache.attach(pairs, logps)
+        if file and trainer.is_global_zero:
+            reference_cache.save(file, logps)
 
     def train(self, mode: bool = True) -> "DPOModule":
         super().train(mode)
@@ -179,24 +219,33 @@ class DPOModule(LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        if self.hparams.use_peft and self.policy is not None:  # the frozen base is rebuilt from its path
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k.startswith("policy.") and k not in trainable]:
+                del state[key]
 
     # ---------------------------------------------------------------------------------------- the step
     def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
         """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        policy = response_logps(self.policy, *inputs, chunk_size=self.hparams.logits_chunk_size)
+        chunk = self.hparams.logits_chunk_size
+        # the reference runs first: its no-grad activations are gone before the policy's graph is built
         if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
-            reference = batch[reference_cache.REF_KEY].to(policy.logps)
+            reference = batch[reference_cache.REF_KEY]
         elif self.reference is not None:
             with torch.no_grad():
-                reference = response_logps(self.reference, *inputs,
-                                           chunk_size=self.hparams.logits_chunk_size).logps
+                reference = response_logps(self.reference, *inputs, chunk_size=chunk).logps
+        elif self.shares_reference and self.needs_reference:
+            with torch.no_grad(), lora.adapters_disabled(self.policy):
+                reference = response_logps(self.policy, *inputs, chunk_size=chunk).logps
         elif self.needs_reference:
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
         else:
-            reference = torch.zeros_like(policy.logps)
+            reference = None
+        policy = response_logps(self.policy, *inputs, chunk_size=chunk)
+        reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
         return x, policy.logit_sums
 
