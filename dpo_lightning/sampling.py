@@ -7,8 +7,9 @@ run killed mid-epoch continues with exactly the batches it had not seen, in the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sized
+from typing import Any, Callable, Iterator, Optional, Sequence, Sized
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -20,10 +21,50 @@ class EpochShuffleSampler(DistributedSampler):
     with ``B*W`` pairs trains on at step ``k`` (``tests/test_ddp.py``). When the data does not divide evenly, the
     first positions are repeated, as ``DistributedSampler`` does. Being a ``DistributedSampler``, Lightning uses
     it as it is instead of wrapping it in a second, differently seeded shuffle.
+
+    With ``lengths`` (the padded length of each pair), the permutation is cut into groups of ``group_batches``
+    global batches; each group is sorted by length and cut into global batches, whose order is then shuffled
+    (the short last batch stays last). Batches then hold pairs of similar length: less padding, the same pairs
+    every epoch, the same seeded order on every rank (as ``transformers``' ``LengthGroupedSampler``).
     """
 
-    def __init__(self, data: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, data: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 lengths: Optional[Sequence[int]] = None, batch_size: int = 1, group_batches: int = 50) -> None:
         super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
+
+    def global_order(self, epoch: int) -> list[int]:
+        """The epoch's order over all ranks (``total_size`` indices); rank ``r`` takes positions ``r::W``."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()  # as DistributedSampler
+        order += (order * -(-self.total_size // max(1, len(order))))[:self.total_size - len(order)]
+        if self.lengths is None:
+            return order
+        step = self.batch_size * self.num_replicas  # one global batch
+        grouped: list[int] = []
+        for start in range(0, len(order), step * self.group_batches):
+            group = sorted(order[start:start + step * self.group_batches], key=lambda i: -self.lengths[i])
+            batches = [group[k:k + step] for k in range(0, len(group), step)]
+            full = len(batches) - (len(batches[-1]) < step)
+            shuffled = torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches)))
+            grouped.extend(i for b in shuffled for i in batches[b])
+        return grouped
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas])
+
+
+def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
+                     batch_size: int) -> float:
+    """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs and each
+    batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``)."""
+    real = slots = 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        real += sum(2 * prompt[i] + chosen[i] + rejected[i] for i in batch)
+        slots += 2 * len(batch) * max(prompt[i] + max(chosen[i], rejected[i]) for i in batch)
+    return 1.0 - real / slots if slots else 0.0
 
 
 class ResumableDataLoader(DataLoader):
