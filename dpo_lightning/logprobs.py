@@ -21,7 +21,7 @@ class ResponseLogps(NamedTuple):
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
 
 
-def _plain_head(model: nn.Module) -> bool:
+def plain_head(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
@@ -42,16 +42,35 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     """
     target_mask = loss_mask[:, 1:].bool()  # (2B, T-1): position t predicts token t + 1
     tokens = target_mask.sum(-1)
-    if not _plain_head(model):
+    if not plain_head(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logit_sums = (upcast(logits[:, :-1]).mean(-1) * target_mask).sum(-1)
         return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
 
+    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: hidden states that predict response tokens
+    return head_logps(model, hidden_states(model, input_ids=input_ids, attention_mask=attention_mask), rows, cols,
+                      input_ids[rows, cols + 1], rows, input_ids.shape[0], chunk_size, tokens)
+
+
+def hidden_states(model: nn.Module, **inputs: Tensor) -> Tensor:
+    """``(rows, T, H)`` last hidden states of the model's backbone (no LM head)."""
     backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each
-    h = hidden[rows, cols]  # (N, H) hidden states that predict response tokens
-    targets = input_ids[rows, cols + 1]  # (N,)
+    return backbone(**inputs, use_cache=False).last_hidden_state
+
+
+def head_logps(model: nn.Module, hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, out_index: Tensor,
+               n_out: int, chunk_size: int, tokens: Tensor) -> ResponseLogps:
+    """Run the LM head on the hidden states at ``(rows, cols)`` only, in chunks, and sum the log-probs of
+    ``targets`` into response ``out_index``.
+
+    Args:
+        hidden: (R, T, H) hidden states.
+        rows, cols: (N,) positions whose next-token prediction is scored.
+        targets: (N,) the token each of those positions predicts.
+        out_index: (N,) which of the ``n_out`` responses each position belongs to.
+        tokens: (n_out,) response lengths, passed through.
+    """
+    h = hidden[rows, cols]  # (N, H)
     head = model.get_output_embeddings()
     token_logps, token_logit_means = [], []
     for start in range(0, h.shape[0], chunk_size):
@@ -59,9 +78,9 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         token_logps.append(logits.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
                            - torch.logsumexp(logits, dim=-1))
         token_logit_means.append(logits.detach().mean(-1))
-    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=upcast(h).dtype)
+    zeros = torch.zeros(n_out, device=hidden.device, dtype=upcast(h).dtype)
     if not token_logps:
         return ResponseLogps(zeros, tokens, zeros)
-    logps = zeros.index_add(0, rows, torch.cat(token_logps))
-    logit_sums = zeros.index_add(0, rows, torch.cat(token_logit_means))
+    logps = zeros.index_add(0, out_index, torch.cat(token_logps))
+    logit_sums = zeros.index_add(0, out_index, torch.cat(token_logit_means))
     return ResponseLogps(logps, tokens, logit_sums)

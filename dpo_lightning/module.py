@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from . import lora, reference_cache
 from .data import PreferenceBatch
 from .logprobs import response_logps
+from .prefix_sharing import shared_prefix_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
 
@@ -53,6 +54,9 @@ class DPOModule(LightningModule):
             training (cached on disk under ``data.cache_dir``, reused across runs), and never load the reference
             for the steps: less memory, and no reference forward per step (as TRL's option of the same name).
         precompute_batch_size: pairs per batch of that pass; the data's batch size when unset.
+        prefix_sharing: run each pair as one sequence ``[prompt, chosen, rejected]`` in which the rejected tokens
+            see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same.
+            Faster when prompts are long; needs ``attn_implementation`` ``sdpa`` or ``eager``.
         use_peft: train LoRA adapters (needs ``peft``: ``pip install 'dpo_lightning[lora]'``) instead of every
             weight. The reference is then the policy with its adapters switched off: no second copy in memory
             (unless ``reference_name_or_path`` names another model). Checkpoints hold the adapters only.
@@ -75,7 +79,7 @@ class DPOModule(LightningModule):
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
                  precompute_ref_log_probs: bool = False, precompute_batch_size: Optional[int] = None,
-                 use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                 prefix_sharing: bool = False, use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None,
                  lora_export: Literal["merged", "adapter"] = "merged",
                  optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
@@ -229,22 +233,23 @@ class DPOModule(LightningModule):
         """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         chunk = self.hparams.logits_chunk_size
+        response_logps_fn = shared_prefix_logps if self.hparams.prefix_sharing else response_logps
         # the reference runs first: its no-grad activations are gone before the policy's graph is built
         if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
             reference = batch[reference_cache.REF_KEY]
         elif self.reference is not None:
             with torch.no_grad():
-                reference = response_logps(self.reference, *inputs, chunk_size=chunk).logps
+                reference = response_logps_fn(self.reference, *inputs, chunk_size=chunk).logps
         elif self.shares_reference and self.needs_reference:
             with torch.no_grad(), lora.adapters_disabled(self.policy):
-                reference = response_logps(self.policy, *inputs, chunk_size=chunk).logps
+                reference = response_logps_fn(self.policy, *inputs, chunk_size=chunk).logps
         elif self.needs_reference:
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
         else:
             reference = None
-        policy = response_logps(self.policy, *inputs, chunk_size=chunk)
+        policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
         return x, policy.logit_sums

@@ -1,0 +1,105 @@
+"""Prefix sharing: each pair runs as one sequence ``[prompt, chosen, rejected]``, so the prompt is encoded once.
+
+The rejected tokens attend to the prompt and to each other but not to the chosen tokens, and take the positions
+right after the prompt (``position_ids``), so every response token sees exactly what it sees in its own row of the
+plain ``(2B, T)`` batch: the log-probs are the same up to float rounding (``tests/test_prefix_sharing.py``).
+Saves ``B * prompt`` tokens a forward and the padding between chosen and rejected; costs a ``(B, 1, L, L)`` mask,
+which needs the ``sdpa`` or ``eager`` attention implementation.
+
+Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
+
+    input_ids     p0 p1 c0 r0 r1
+    position_ids   0  1  2  2  3
+    r0 attends to p0 p1 .. r0        (not c0); r0 is scored from p1's hidden state, r1 from r0's
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head
+from .losses import upcast
+
+MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class SharedLayout(NamedTuple):
+    input_ids: Tensor  # (B, L) prompt, chosen, rejected, right-padded
+    position_ids: Tensor  # (B, L) rejected tokens continue from the prompt's end
+    mask: Tensor  # (B, 1, L, L) bool, True where query row may attend key column
+    rows: Tensor  # (N,) scored positions: row ...
+    cols: Tensor  # (N,) ... and column whose hidden state predicts ...
+    targets: Tensor  # (N,) ... this token
+    out_index: Tensor  # (N,) response it belongs to: pair i's chosen is i, its rejected B + i
+    tokens: Tensor  # (2B,) response lengths, chosen then rejected
+
+
+def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_token_id: int = 0) -> SharedLayout:
+    """Rebuild a plain :class:`~dpo_lightning.data.PreferenceBatch` as one row per pair.
+
+    Args:
+        input_ids: (2B, T) chosen rows then rejected rows, right-padded; each row is prompt then response.
+        attention_mask: (2B, T)
+        loss_mask: (2B, T) 1 on response tokens.
+    """
+    n_pairs = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(-1).tolist()  # (2B,) prompt + response
+    responses = loss_mask.sum(-1).tolist()  # (2B,)
+    segments = []
+    for i in range(n_pairs):
+        prompt, chosen, rejected = lengths[i] - responses[i], responses[i], responses[n_pairs + i]
+        if prompt == 0 or lengths[n_pairs + i] - rejected != prompt or not torch.equal(input_ids[i, :prompt],
+                                                                        input_ids[n_pairs + i, :prompt]):
+            raise ValueError(f"prefix sharing: pair {i} of the batch has different prompts in its chosen and rejected "
+                             "rows; turn model.prefix_sharing off for this data")
+        segments.append((prompt, chosen, rejected))
+    width = max(p + c + r for p, c, r in segments)
+    device = input_ids.device
+    ids = torch.full((n_pairs, width), pad_token_id, dtype=input_ids.dtype, device=device)
+    positions = torch.arange(width, device=device).repeat(n_pairs, 1)
+    mask = torch.ones(width, width, dtype=torch.bool, device=device).tril().repeat(n_pairs, 1, 1, 1)
+    rows, cols, targets, out_index = [], [], [], []
+    for i, (p, c, r) in enumerate(segments):
+        ids[i, :p + c] = input_ids[i, :p + c]
+        ids[i, p + c:p + c + r] = input_ids[n_pairs + i, p:p + r]
+        positions[i, p + c:p + c + r] = torch.arange(p, p + r, device=device)
+        mask[i, 0, p + c:p + c + r, p:p + c] = False  # rejected tokens do not see the chosen ones
+        chosen_cols = list(range(p - 1, p + c - 1))
+        rejected_cols = ([p - 1] + list(range(p + c, p + c + r - 1))) if r else []
+        rows += [i] * (c + r)
+        cols += chosen_cols + rejected_cols
+        targets += list(range(p, p + c + r))  # column of each scored token in ``ids``
+        out_index += [i] * c + [n_pairs + i] * r
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    targets_t = ids[rows_t, torch.tensor(targets, dtype=torch.long, device=device)]
+    return SharedLayout(ids, positions, mask, rows_t, torch.tensor(cols, dtype=torch.long, device=device), targets_t,
+                        torch.tensor(out_index, dtype=torch.long, device=device), loss_mask[:, 1:].sum(-1))
+
+
+def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                        chunk_size: int = 1024) -> ResponseLogps:
+    """The same :class:`~dpo_lightning.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
+    forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation not in MASKED_IMPLEMENTATIONS:
+        raise ValueError(f"model.prefix_sharing needs a custom attention mask, which the {implementation!r} attention "
+                         f"implementation does not take; set model.attn_implementation to one of "
+                         f"{list(MASKED_IMPLEMENTATIONS)} or turn prefix sharing off")
+    layout = shared_layout(input_ids, attention_mask, loss_mask)
+    mask = layout.mask
+    if implementation == "eager":  # additive float mask: 0 where attending, the dtype's minimum elsewhere
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
+    n_out = input_ids.shape[0]
+    if plain_head(model):
+        return head_logps(model, hidden_states(model, **inputs), layout.rows, layout.cols, layout.targets,
+                          layout.out_index, n_out, chunk_size, layout.tokens)
+    logits = upcast(model(**inputs, use_cache=False).logits[layout.rows, layout.cols])  # (N, V)
+    token_logps = logits.gather(-1, layout.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    zeros = torch.zeros(n_out, device=logits.device, dtype=logits.dtype)
+    return ResponseLogps(zeros.index_add(0, layout.out_index, token_logps), layout.tokens,
+                         zeros.index_add(0, layout.out_index, logits.detach().mean(-1)))

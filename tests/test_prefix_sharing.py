@@ -1,0 +1,101 @@
+"""model.prefix_sharing: one [prompt, chosen, rejected] row per pair gives the plain path's log-probs and gradients."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_lightning.data import PreferenceCollator, PreferenceDataModule
+from dpo_lightning.logprobs import response_logps
+from dpo_lightning.module import DPOModule
+from dpo_lightning.prefix_sharing import shared_layout, shared_prefix_logps
+
+
+def test_worked_example_layout():
+    batch = PreferenceCollator(pad_token_id=0)([
+        {"prompt_ids": [11, 12], "chosen_ids": [21], "rejected_ids": [31, 32]},
+        {"prompt_ids": [13], "chosen_ids": [22, 23], "rejected_ids": [33]}])
+    layout = shared_layout(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    assert layout.input_ids.tolist() == [[11, 12, 21, 31, 32], [13, 22, 23, 33, 0]]
+    assert layout.position_ids[0].tolist() == [0, 1, 2, 2, 3] and layout.position_ids[1, :4].tolist() == [0, 1, 2, 1]
+    assert layout.mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                               [1, 1, 0, 0, 0],
+                                               [1, 1, 1, 0, 0],
+                                               [1, 1, 0, 1, 0],  # r0: the prompt and itself, not c0
+                                               [1, 1, 0, 1, 1]]
+    # (row, column whose hidden state predicts, token, response): chosen of pair i is i, its rejected 2 + i
+    scored = list(zip(layout.rows.tolist(), layout.cols.tolist(), layout.targets.tolist(), layout.out_index.tolist()))
+    assert scored == [(0, 1, 21, 0), (0, 1, 31, 2), (0, 3, 32, 2), (1, 0, 22, 1), (1, 1, 23, 1), (1, 0, 33, 3)]
+    assert layout.tokens.tolist() == [1, 2, 2, 1]
+
+
+def real_batch(tiny_model_dir, pairs_jsonl):
+    dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, batch_size=5,
+                              cache_dir=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    prompts = (batch["attention_mask"] - batch["loss_mask"]).sum(-1)
+    assert len(set(prompts.tolist())) > 1  # prompts of different lengths, so rows pad differently
+    return batch
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_shared_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_jsonl, implementation, plain_head):
+    batch = real_batch(tiny_model_dir, pairs_jsonl)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).double()
+    if not plain_head:  # as a soft-capping model: both paths go through the full logits
+        model.config.final_logit_softcapping = 30.0
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    results = []
+    for fn in (response_logps, shared_prefix_logps):
+        model.zero_grad()
+        out = fn(model, *inputs, chunk_size=7)
+        (out.logps * torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype)).sum().backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.allclose(shared.logps, plain.logps, atol=1e-6)  # fp32 inside (rotary, eager softmax)
+    assert torch.allclose(shared.logit_sums, plain.logit_sums, atol=1e-6)
+    assert shared.tokens.tolist() == plain.tokens.tolist()
+    for a, b in zip(plain_grads, shared_grads):  # the models keep rotary and eager softmax in fp32, even in fp64
+        assert torch.allclose(a, b, atol=1e-6 * a.abs().max().item())
+
+
+def test_module_loss_equals_the_plain_path(tiny_model_dir, tiny_reference_dir, pairs_jsonl):
+    batch = real_batch(tiny_model_dir, pairs_jsonl)
+    values = []
+    for sharing in (False, True):
+        module = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir, prefix_sharing=sharing)
+        module.configure_model()
+        x, _ = module.pair_logps(batch)
+        values.append(torch.stack([t for t in x]))
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+
+
+def test_unsupported_attention_and_unshared_prompts_are_refused(tiny_model_dir, pairs_jsonl):
+    batch = real_batch(tiny_model_dir, pairs_jsonl)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        shared_prefix_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    other = PreferenceCollator(0)([{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8]}])
+    other["input_ids"][1, 0] = 9  # the rejected row's prompt differs
+    with pytest.raises(ValueError, match="different prompts"):
+        shared_layout(other["input_ids"], other["attention_mask"], other["loss_mask"])
+
+
+def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir, pairs_jsonl, tmp_path):
+    import os
+
+    from dpo_lightning.cli import cli_main
+    from test_cli import ROOT
+
+    metrics = []
+    for sharing in ("false", "true"):
+        cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                        f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
+                        f"--model.prefix_sharing={sharing}", "--data.cache_dir=null", "--export.enabled=false",
+                        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / sharing}",
+                        "--trainer.max_epochs=1"])
+        metrics.append({k: v.item() for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+    assert metrics[0].keys() == metrics[1].keys() and "val/rewards/margins" in metrics[0]
+    assert metrics[1] == pytest.approx(metrics[0], abs=1e-5)
