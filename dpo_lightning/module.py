@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import lora, reference_cache
+from .compile import compile_decoder_layers
 from .data import PreferenceBatch
 from .logprobs import response_logps
 from .prefix_sharing import shared_prefix_logps
@@ -57,6 +58,10 @@ class DPOModule(LightningModule):
         prefix_sharing: run each pair as one sequence ``[prompt, chosen, rejected]`` in which the rejected tokens
             see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same.
             Faster when prompts are long; needs ``attn_implementation`` ``sdpa`` or ``eager``.
+        torch_compile: ``torch.compile`` each decoder layer of the policy and reference (dynamic shapes); the first
+            steps are slow while it compiles.
+        torch_compile_backend: compiler backend; ``inductor`` when unset.
+        torch_compile_mode: e.g. ``max-autotune``; the backend's default when unset.
         use_peft: train LoRA adapters (needs ``peft``: ``pip install 'dpo_lightning[lora]'``) instead of every
             weight. The reference is then the policy with its adapters switched off: no second copy in memory
             (unless ``reference_name_or_path`` names another model). Checkpoints hold the adapters only.
@@ -79,7 +84,9 @@ class DPOModule(LightningModule):
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
                  precompute_ref_log_probs: bool = False, precompute_batch_size: Optional[int] = None,
-                 prefix_sharing: bool = False, use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                 prefix_sharing: bool = False, torch_compile: bool = False,
+                 torch_compile_backend: Optional[str] = None, torch_compile_mode: Optional[str] = None,
+                 use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None,
                  lora_export: Literal["merged", "adapter"] = "merged",
                  optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
@@ -150,6 +157,10 @@ class DPOModule(LightningModule):
             self._precompute_reference()
         elif self.needs_reference and not self.shares_reference:
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
+        if hp.torch_compile:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    compile_decoder_layers(model, hp.torch_compile_backend, hp.torch_compile_mode)
 
     @property
     def _reference_path(self) -> str:
