@@ -4,8 +4,12 @@
 
 Each side runs in its own process (clean peak RSS): ``ours`` (DPOModule under a Lightning Trainer), ``trl``
 (DPOTrainer, its defaults but fp32 and no reporting) and ``plain`` (a causal-LM forward+backward over the same
-chosen+rejected tokens, the ceiling for a DPO step). The first optimizer step is warm-up and not timed.
-Prints pairs/s, real (non-pad) tokens/s, peak memory (RSS on CPU, max allocated on GPU) and ratios.
+chosen+rejected tokens, the ceiling for a DPO step). Options follow the side after ``+``: ``pre`` precomputed
+reference log-probs (ours and TRL; the pass is before the first step and timed separately), ``lora`` LoRA r=16
+alpha=32 on every linear layer (ours and TRL), and for ours ``share`` (prefix sharing), ``group`` (length-grouped
+batches), ``compile`` (torch.compile of the decoder layers). The first optimizer step is warm-up and not timed.
+Prints pairs/s, real (non-pad) tokens/s, peak memory (RSS on CPU, max allocated on GPU), our padding share and
+ratios.
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def batches(args):
+def batches(args, group_by_length: bool = False):
     """The tokenized pairs, in one fixed order, grouped into optimizer steps of batch x accumulation pairs."""
     from dpo_lightning.data import PreferenceDataModule
 
     dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
-                              max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None)
+                              max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None,
+                              group_by_length=group_by_length)
     dm.setup("fit")
     return dm
+
+
+def padding_share(dm) -> float:
+    from dpo_lightning.sampling import padding_fraction
+
+    columns = [[len(p[k]) for p in dm.train_pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    return padding_fraction(list(dm.train_sampler), *columns, dm.hparams.batch_size)
 
 
 def run_ours(args) -> dict:
@@ -42,21 +54,30 @@ def run_ours(args) -> dict:
 
     from dpo_lightning.module import DPOModule
 
-    dm = batches(args)
-    times = []
+    options = set(args.options)
+    dm = batches(args, group_by_length="group" in options)
+    times, started = [], []
 
     class Clock(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            started.append(time.perf_counter())
+
+        def on_train_start(self, trainer, pl_module):
+            started.append(time.perf_counter())  # after configure_model: the precompute pass is done
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             times.append(time.perf_counter())
 
-    model = DPOModule(args.model, precompute_ref_log_probs=args.precompute)
+    model = DPOModule(args.model, precompute_ref_log_probs="pre" in options, prefix_sharing="share" in options,
+                      use_peft="lora" in options, torch_compile="compile" in options)
     trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     tokens = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in dm.train_pairs)
     return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation,
-            "tokens_per_pair": tokens / len(dm.train_pairs)}
+            "tokens_per_pair": tokens / len(dm.train_pairs), "padding": padding_share(dm),
+            "setup_seconds": started[-1] - started[0]}
 
 
 def run_trl(args) -> dict:
@@ -75,10 +96,17 @@ def run_trl(args) -> dict:
                            gradient_accumulation_steps=args.accumulation, max_steps=args.steps + 1,
                            max_length=args.max_length, bf16=False, report_to="none", logging_steps=1000,
                            save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                           precompute_ref_log_probs=args.precompute)
+                           precompute_ref_log_probs="pre" in args.options)
+    peft_config = None
+    if "lora" in args.options:
+        import peft
+
+        peft_config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                      task_type="CAUSAL_LM")
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
                              args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
-                             train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()])
+                             train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()],
+                             peft_config=peft_config)
     trainer.train()
     return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation}
 
@@ -115,12 +143,13 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--sides", default="ours,trl,ours+pre,trl+pre,plain",
-                        help="what to run, in order: ours, trl, plain; '+pre' precomputes reference log-probs "
-                             "(not timed: it happens before the first step)")
+                        help="what to run, in order: ours, trl, plain, each with +options (see above), e.g. "
+                             "ours+pre+share,trl+lora")
     parser.add_argument("--side", help="internal: run one side and print JSON")
-    parser.add_argument("--precompute", action="store_true", help="internal: precompute reference log-probs")
+    parser.add_argument("--options", default="", help="internal: the side's options, '+'-separated")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    args.options = [o for o in args.options.split("+") if o]
     if args.side:
         result = {"ours": run_ours, "trl": run_trl, "plain": run_plain}[args.side](args)
         result["peak_memory_gb"] = peak_memory_gb()
@@ -129,8 +158,8 @@ def main() -> None:
     results = {}
     base = [a for a in sys.argv[1:] if not a.startswith("--sides")]
     for label in args.sides.split(","):
-        side, _, pre = label.partition("+")
-        command = [sys.executable, __file__, *base, "--side", side] + (["--precompute"] if pre else [])
+        side, _, options = label.partition("+")
+        command = [sys.executable, __file__, *base, "--side", side, "--options", options]
         proc = subprocess.run(command, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -139,20 +168,23 @@ def main() -> None:
     tokens_per_pair = next(r["tokens_per_pair"] for r in results.values() if "tokens_per_pair" in r)
     print(f"model {args.model}, batch {args.batch_size} x accumulation {args.accumulation}, max_length "
           f"{args.max_length}, {args.steps} timed steps, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'side':9s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s}")
+    width = max(9, *(len(label) for label in results))
+    print(f"{'side':{width}s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s} {'padding':>8s} {'setup s':>8s}")
     for label, r in results.items():
         r["pairs_per_s"] = r["pairs"] / r["seconds"]
-        print(f"{label:9s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} "
-              f"{r['peak_memory_gb']:8.2f}")
-    for ours, trl in (("ours", "trl"), ("ours+pre", "trl+pre")):
-        if ours in results and trl in results:
-            a, b = results[ours], results[trl]
-            print(f"{ours}/{trl}: speed {a['pairs_per_s'] / b['pairs_per_s']:.2f}x, "
+        padding = f"{r['padding']:8.1%}" if "padding" in r else f"{'':8s}"
+        setup = f"{r['setup_seconds']:8.1f}" if "setup_seconds" in r else f"{'':8s}"
+        print(f"{label:{width}s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} "
+              f"{r['peak_memory_gb']:8.2f} {padding} {setup}")
+    anchors = [label for label in results if label.startswith("trl")]
+    for label in (label for label in results if label.startswith("ours")):
+        for anchor in anchors:
+            a, b = results[label], results[anchor]
+            print(f"{label}/{anchor}: speed {a['pairs_per_s'] / b['pairs_per_s']:.2f}x, "
                   f"memory {a['peak_memory_gb'] / b['peak_memory_gb']:.2f}x")
-    for ours in ("ours", "ours+pre"):
-        if ours in results and "plain" in results:
-            print(f"{ours}/plain forward+backward: speed "
-                  f"{results[ours]['pairs_per_s'] / results['plain']['pairs_per_s']:.2f}x")
+        if "plain" in results:
+            print(f"{label}/plain forward+backward: speed "
+                  f"{results[label]['pairs_per_s'] / results['plain']['pairs_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
