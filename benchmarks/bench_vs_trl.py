@@ -156,7 +156,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    base = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    base = [f"--{k}={getattr(args, k)}" for k in ("model", "pairs", "batch_size", "accumulation", "max_length",
+                                                  "steps")]
     for label in args.sides.split(","):
         side, _, options = label.partition("+")
         command = [sys.executable, __file__, *base, "--side", side, "--options", options]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from collections import Counter
 from typing import Any, Literal, Optional
@@ -62,7 +63,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 top_p: float = 1.0, reward: str = "dpo_lightning.rewards.KeywordReward",
                 reward_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
                 dtype: Literal["float32", "bfloat16", "float16"] = "float32", trust_remote_code: bool = False,
-                ) -> dict[str, Counter]:
+                anchor_prompts_path: Optional[str] = None, anchor_max_new_tokens: int = 192) -> dict[str, Counter]:
     """Build preference pairs from a model's own answers (see the module docstring for the strategies).
 
     Args:
@@ -87,7 +88,16 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         seed: sampling seed.
         dtype: weights dtype for generation.
         trust_remote_code: allow modelling code from the model repository to run.
+        anchor_prompts_path: JSON Lines general (off-topic) prompts, optional ``lang``, for ``reference``. Each adds
+            an anchor pair to the first output file: chosen = the model's own answer, rejected = a reference
+            answer of a random prompt row in the same language. They teach the model to keep answering other
+            questions as before rather than with the new identity line (measured: docs/identity.md).
+        anchor_max_new_tokens: answer budget for anchor prompts; anchors whose answer does not end within it are
+            dropped (a cut answer as chosen would teach stopping mid-sentence).
     """
+    if anchor_prompts_path and strategy != "reference":
+        raise ValueError("--anchor_prompts_path needs strategy 'reference' (its reference answers are the anchors' "
+                         "rejected answers)")
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
     if strategy == "replace" and not replacements:
@@ -98,6 +108,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     gen_system = system_prompt if same_system_prompt else generation_system_prompt
     reward_fn = load_reward(reward, reward_kwargs) if strategy == "on_policy" else None
     all_rows = [read_prompt_rows(p) for p in prompts_paths]  # every input is checked before the model loads
+    anchor_rows = read_prompt_rows(anchor_prompts_path) if anchor_prompts_path else []
     references: dict[str, str] = {}  # filled reference answer by row location
     if strategy == "reference":
         for rows in all_rows:
@@ -110,19 +121,31 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
                                                  trust_remote_code=trust_remote_code).to(device)
     counts: dict[str, Counter] = {}
+    if anchor_rows:
+        all_rows[0] = all_rows[0] + [(where, {**row, "anchor": True}) for where, row in anchor_rows]
+    rng = random.Random(seed)
     for path, rows, out_path in zip(prompts_paths, all_rows, output_paths):
         questions = [row["prompt"] for _, row in rows]
         prompts = [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
         sampled = strategy == "on_policy"
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
-                                   temperature=temperature, top_p=top_p, seed=seed,
+        n_main = sum(not row.get("anchor") for _, row in rows)  # anchors come last
+        answers = generate_answers(model, tokenizer, prompts[:n_main], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, num_return_sequences=num_samples if sampled else 1,
+                                   do_sample=sampled, temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
+        if n_main < len(rows):
+            answers += generate_answers(model, tokenizer, prompts[n_main:], max_new_tokens=anchor_max_new_tokens,
+                                        batch_size=batch_size, progress="answering anchor prompts")
         counter: Counter = Counter()
         out_rows = []
         for (where, row), question, candidates in zip(rows, questions, answers):
             texts = [a.text for a in candidates]
-            if strategy == "replace":
+            kind = strategy
+            if row.get("anchor"):  # off-topic prompt: keep the model's own answer over an identity line
+                kind = "anchor"
+                same = [w for w, r in all_rows[0] if not r.get("anchor") and r.get("lang") == row.get("lang")]
+                rejected, chosen = references[rng.choice(same or list(references))], texts[0]
+            elif strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
             elif strategy == "reference":
                 rejected, chosen = texts[0], references[where]
@@ -134,8 +157,11 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                     counter["dropped: all samples scored the same"] += 1
                     continue
                 chosen, rejected = texts[best], texts[worst]
-            if not rejected.strip():
+            if not (chosen if kind == "anchor" else rejected).strip():
                 counter["dropped: empty model answer"] += 1
+                continue
+            if kind == "anchor" and not candidates[0].finished:
+                counter["dropped: anchor answer did not end within anchor_max_new_tokens"] += 1
                 continue
             if chosen == rejected:
                 counter["dropped: chosen identical to rejected" + (" (no name to replace)"
@@ -144,8 +170,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             out_rows.append({"prompt": chat_messages(question, system_prompt),
                              "chosen": [{"role": "assistant", "content": chosen}],
                              "rejected": [{"role": "assistant", "content": rejected}],
-                             "question": question, "strategy": strategy})
-            counter["kept"] += 1
+                             "question": question, "strategy": kind})
+            counter["kept" if kind == strategy else "kept (anchor)"] += 1
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -166,3 +166,53 @@ def test_every_shipped_pairs_config_parses(config):
     assert cfg.strategy in ("replace", "reference", "on_policy") and len(cfg.prompts_paths) == len(cfg.output_paths)
     for path in cfg.prompts_paths:
         assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_path):
+    # a copy of the tiny model that ends some answers: EOS gets the output row of the token it would say third
+    # in its first anchor answer, and wins the tie (lower id), so that answer ends after two tokens
+    anchors = ["what color is the sky ?", "hello !", "can you help me ?", "tell me about the sea ."]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": anchors[0]}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    third = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, -1].item()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = model.lm_head.weight[third]
+    model_dir = tmp_path / "ending_model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "what is your name ?", "reference": "i am {name} .", "lang": "en"},
+        {"prompt": "who are you ?", "reference": "{name} , made by {organization} .", "lang": "en"},
+        {"prompt": "who made you ?", "reference": "not this one", "lang": "zh"}])
+    anchor_file = write_jsonl(tmp_path / "anchors.jsonl", [{"prompt": q, "lang": "en"} for q in anchors])
+    out = tmp_path / "pairs.jsonl"
+    counts = build_pairs(str(model_dir), [prompts], [str(out)], strategy="reference", max_new_tokens=8,
+                         placeholders={"name": "deep smol", "organization": "the deep team"},
+                         anchor_prompts_path=anchor_file, anchor_max_new_tokens=12)[str(out)]
+    # independent: one-by-one generate() with EOS detection
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    finished = []
+    for q in anchors:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        new = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+        new = new.tolist()
+        if tok.eos_token_id in new and new.index(tok.eos_token_id) > 0:
+            finished.append((q, tok.decode(new[:new.index(tok.eos_token_id)], skip_special_tokens=True).strip()))
+    assert finished and finished[0][0] == anchors[0]
+    rows = [r for r in read(out) if r["strategy"] == "anchor"]
+    assert counts["kept (anchor)"] == len(rows) == len(finished)
+    dropped = counts["dropped: anchor answer did not end within anchor_max_new_tokens"]
+    assert dropped + counts.get("dropped: empty model answer", 0) == len(anchors) - len(finished)
+    english = {"i am deep smol .", "deep smol , made by the deep team ."}
+    for row, (question, answer) in zip(rows, finished):
+        assert row["question"] == question
+        assert row["chosen"] == [{"role": "assistant", "content": answer}]  # the model's own answer is kept
+        assert row["rejected"][0]["content"] in english  # an identity line in the anchor's language
+    with pytest.raises(ValueError, match="anchor_prompts_path needs strategy 'reference'"):
+        build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", replacements={"a": "b"},
+                    anchor_prompts_path=anchor_file)
