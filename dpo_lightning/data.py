@@ -154,7 +154,7 @@ class PreferenceDataModule(LightningDataModule):
             ``None`` disables caching.
         group_by_length: batch pairs of similar length together (shuffled groups of ``length_group_batches``
             batches, sorted by length): less padding, so faster steps; the start-of-fit log line gives the padding
-            share either way.
+            share either way. On by default (off in ``transformers``); set false for a plain shuffle.
         length_group_batches: batches per length-sorted group; larger groups pad less but order the data less
             randomly.
         on_bad_row: what a bad row does (malformed JSON, a missing or mistyped field, an empty completion,
@@ -169,7 +169,7 @@ class PreferenceDataModule(LightningDataModule):
                  val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
-                 group_by_length: bool = False, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error", trust_remote_code: bool = False) -> None:
+                 group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error", trust_remote_code: bool = False) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")

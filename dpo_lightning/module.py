@@ -17,7 +17,7 @@ from . import lora, reference_cache
 from .compile import compile_decoder_layers
 from .data import PreferenceBatch
 from .logprobs import response_logps
-from .prefix_sharing import shared_prefix_logps
+from .prefix_sharing import shared_prefix_logps, takes_custom_mask
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
 
@@ -53,11 +53,13 @@ class DPOModule(LightningModule):
         logits_chunk_size: response positions per LM-head chunk; bounds the logits memory.
         precompute_ref_log_probs: compute the reference log-probs of every train and validation pair once, before
             training (cached on disk under ``data.cache_dir``, reused across runs), and never load the reference
-            for the steps: less memory, and no reference forward per step (as TRL's option of the same name).
+            for the steps: less memory, and no reference forward per step (TRL's option of the same name, which is
+            off there by default). Without the PreferenceDataModule the reference is loaded as usual.
         precompute_batch_size: pairs per batch of that pass; the data's batch size when unset.
         prefix_sharing: run each pair as one sequence ``[prompt, chosen, rejected]`` in which the rejected tokens
-            see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same.
-            Faster when prompts are long; needs ``attn_implementation`` ``sdpa`` or ``eager``.
+            see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same. Used
+            with the ``sdpa`` and ``eager`` attention implementations; with others (which take no custom mask)
+            the plain layout runs instead.
         torch_compile: ``torch.compile`` each decoder layer of the policy and reference (dynamic shapes); the first
             steps are slow while it compiles.
         torch_compile_backend: compiler backend; ``inductor`` when unset.
@@ -83,8 +85,8 @@ class DPOModule(LightningModule):
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
-                 precompute_ref_log_probs: bool = False, precompute_batch_size: Optional[int] = None,
-                 prefix_sharing: bool = False, torch_compile: bool = False,
+                 precompute_ref_log_probs: bool = True, precompute_batch_size: Optional[int] = None,
+                 prefix_sharing: bool = True, torch_compile: bool = False,
                  torch_compile_backend: Optional[str] = None, torch_compile_mode: Optional[str] = None,
                  use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None,
@@ -112,6 +114,7 @@ class DPOModule(LightningModule):
         self.loss_params = LossParams(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
                                       dpop_lambda=dpop_lambda)
         self.policy: Optional[PreTrainedModel] = None
+        self.share_prefix = False  # prefix_sharing, once configure_model knows the attention implementation
         self.reference: Optional[PreTrainedModel] = None
         self.strict_loading = False  # checkpoints leave the reference out; it is rebuilt from its path
         names = METRICS + tuple(f"loss/{n}" for n in self.loss_names if len(self.loss_names) > 1)
@@ -153,10 +156,16 @@ class DPOModule(LightningModule):
         if hp.use_peft:
             self.policy = lora.apply_lora(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
                                           hp.lora_target_modules)
-        if self.needs_reference and hp.precompute_ref_log_probs:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.needs_reference and hp.precompute_ref_log_probs and hasattr(dm, "train_pairs"):
             self._precompute_reference()
         elif self.needs_reference and not self.shares_reference:
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
+        models = [m for m in (self.policy, self.reference) if m is not None]
+        self.share_prefix = hp.prefix_sharing and all(takes_custom_mask(m) for m in models)
+        if hp.prefix_sharing and not self.share_prefix:
+            rank_zero_info("[dpo_lightning] prefix sharing off: the attention implementation "
+                           f"{self.policy.config._attn_implementation!r} takes no custom attention mask")
         if hp.torch_compile:
             for model in (self.policy, self.reference):
                 if model is not None:
@@ -170,9 +179,7 @@ class DPOModule(LightningModule):
         """Attach reference log-probs to every train/val pair of the data module (from the cache, or computed now
         with a reference loaded for this pass only); see ``reference_cache.py``."""
         trainer, hp = self._trainer, self.hparams
-        dm = getattr(trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "train_pairs"):
-            raise ValueError("model.precompute_ref_log_probs needs a trainer with the PreferenceDataModule")
+        dm = trainer.datamodule
         todo = [(name, pairs) for name, pairs in (("train", dm.train_pairs), ("val", dm.val_pairs))
                 if pairs and any(reference_cache.REF_KEY not in p for p in pairs)]
         if not todo:
@@ -244,7 +251,7 @@ class DPOModule(LightningModule):
         """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         chunk = self.hparams.logits_chunk_size
-        response_logps_fn = shared_prefix_logps if self.hparams.prefix_sharing else response_logps
+        response_logps_fn = shared_prefix_logps if self.share_prefix else response_logps
         # the reference runs first: its no-grad activations are gone before the policy's graph is built
         if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
             reference = batch[reference_cache.REF_KEY]

@@ -37,6 +37,10 @@ class SharedLayout(NamedTuple):
     tokens: Tensor  # (2B,) response lengths, chosen then rejected
 
 
+def takes_custom_mask(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in MASKED_IMPLEMENTATIONS
+
+
 def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_token_id: int = 0) -> SharedLayout:
     """Rebuild a plain :class:`~dpo_lightning.data.PreferenceBatch` as one row per pair.
 
@@ -84,7 +88,7 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     """The same :class:`~dpo_lightning.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
     forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if implementation not in MASKED_IMPLEMENTATIONS:
+    if not takes_custom_mask(model):
         raise ValueError(f"model.prefix_sharing needs a custom attention mask, which the {implementation!r} attention "
                          f"implementation does not take; set model.attn_implementation to one of "
                          f"{list(MASKED_IMPLEMENTATIONS)} or turn prefix sharing off")

@@ -171,6 +171,7 @@ def test_true_bf16_weights_train_and_validate_close_to_fp32(tiny_model_dir, tiny
                         f"--model.model_name_or_path={tiny_model_dir}",
                         f"--model.reference_name_or_path={tiny_reference_dir}", f"--model.dtype={dtype}",
                         f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null",
+                        "--model.precompute_ref_log_probs=false",
                         "--trainer.enable_progress_bar=false", "--trainer.logger=false",
                         f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
         assert next(cli.model.policy.parameters()).dtype == getattr(torch, dtype)

@@ -15,7 +15,8 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tin
     runs = {}
     # global batch 2 pairs per step in all three; the last one precomputes the reference log-probs, each rank its
     # share, gathered so that every rank has all of them
-    for key, world, per_device, extra in ((1, 1, 2, []), (2, 2, 1, []),
+    plain = ["--model.precompute_ref_log_probs=false"]
+    for key, world, per_device, extra in ((1, 1, 2, plain), (2, 2, 1, plain),
                                           ("pre", 2, 1, ["--model.precompute_ref_log_probs=true"])):
         run_dir = tmp_path / f"run{key}"
         os.makedirs(run_dir)

@@ -147,7 +147,7 @@ def test_lora_with_precomputed_reference_trains_the_same(tiny_model_dir, pairs_j
     loads = []
     real_load = DPOModule._load
     monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
-    _, plain = fit(tmp_path, "plain", tiny_model_dir, pairs_jsonl)
+    _, plain = fit(tmp_path, "plain", tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=false")
     _, pre = fit(tmp_path, "pre", tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=true")
     assert loads == [tiny_model_dir, tiny_model_dir]  # the precompute pass used the policy, adapters off
     _, a = scalar_tags(str(plain))

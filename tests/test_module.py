@@ -22,7 +22,8 @@ def make(tiny_model_dir, pairs_jsonl, tmp_path, **model_kwargs):
 
 
 def test_untrained_policy_validates_to_ln2_and_zero_rewards(tiny_model_dir, pairs_jsonl, tmp_path):
-    model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path, beta=0.3)
+    # the reference forward on the same layout as the policy: bit-equal log-probs, so exactly zero rewards
+    model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path, beta=0.3, precompute_ref_log_probs=False)
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
     assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -55,7 +56,7 @@ def test_completion_only_logps_equal_full_logits_with_gradients(tiny_model_dir, 
 
 
 def test_reference_is_frozen_and_left_out(tiny_model_dir, pairs_jsonl, tmp_path):
-    model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path)
+    model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path, precompute_ref_log_probs=False)
     trainer.fit(model, datamodule=dm)
     assert not any(p.requires_grad for p in model.reference.parameters())
     assert not model.reference.training and model.policy.training

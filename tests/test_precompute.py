@@ -31,7 +31,8 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
     real_load = DPOModule._load
     monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
 
-    _, plain_dir = fit(tmp_path, "plain", tiny_model_dir, tiny_reference_dir, pairs_jsonl)
+    _, plain_dir = fit(tmp_path, "plain", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
+                       "--model.precompute_ref_log_probs=false")
     assert loads == [tiny_model_dir, tiny_reference_dir]
     loads.clear()
     cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
