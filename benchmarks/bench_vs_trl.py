@@ -59,17 +59,15 @@ def run_ours(args) -> dict:
     times, started = [], []
 
     class Clock(Callback):
-        def on_fit_start(self, trainer, pl_module):
-            started.append(time.perf_counter())
-
         def on_train_start(self, trainer, pl_module):
             started.append(time.perf_counter())  # after configure_model: the precompute pass is done
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             times.append(time.perf_counter())
 
+    started.append(time.perf_counter())
     model = DPOModule(args.model, precompute_ref_log_probs="pre" in options, prefix_sharing="share" in options,
-                      use_peft="lora" in options, torch_compile="compile" in options)
+                      use_peft="lora" in options, torch_compile="compile" in options)  # every option explicit
     trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)
@@ -85,9 +83,12 @@ def run_trl(args) -> dict:
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    times = []
+    times, started = [], [time.perf_counter()]
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            started.append(time.perf_counter())
+
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
 
@@ -108,7 +109,8 @@ def run_trl(args) -> dict:
                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()],
                              peft_config=peft_config)
     trainer.train()
-    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation}
+    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation,
+            "setup_seconds": started[-1] - started[0]}
 
 
 def run_plain(args) -> dict:

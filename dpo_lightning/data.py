@@ -292,10 +292,10 @@ class PreferenceDataModule(LightningDataModule):
         lengths = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected)] if hp.group_by_length else None
         self.train_sampler = EpochShuffleSampler(pairs, hp.shuffle_seed, world, rank, lengths, hp.batch_size,
                                                  hp.length_group_batches)
-        share = padding_fraction(self.train_sampler.global_order(0)[rank::world], prompt, chosen, rejected,
-                                 hp.batch_size)
-        rank_zero_info(f"[dpo_lightning] train batches: {share:.1%} of token slots are padding "
-                       f"(data.group_by_length: {str(hp.group_by_length).lower()})")
+        order = self.train_sampler.global_order(0)[rank::world]
+        plain, shared = (padding_fraction(order, prompt, chosen, rejected, hp.batch_size, s) for s in (False, True))
+        rank_zero_info(f"[dpo_lightning] train batches: {plain:.1%} of token slots are padding, {shared:.1%} with "
+                       f"prefix sharing (data.group_by_length: {str(hp.group_by_length).lower()})")
         return ResumableDataLoader(self.train_pairs, batch_size=self.hparams.batch_size, sampler=self.train_sampler,
                                    collate_fn=self._collator(), num_workers=self.hparams.num_workers,
                                    start_epoch=self._start_epoch)

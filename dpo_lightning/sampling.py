@@ -56,14 +56,19 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
-                     batch_size: int) -> float:
+                     batch_size: int, shared: bool = False) -> float:
     """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs and each
-    batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``)."""
+    batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``), or with ``shared`` its
+    ``batch_size`` rows ``[prompt, chosen, rejected]`` (``prefix_sharing.py``)."""
     real = slots = 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        real += sum(2 * prompt[i] + chosen[i] + rejected[i] for i in batch)
-        slots += 2 * len(batch) * max(prompt[i] + max(chosen[i], rejected[i]) for i in batch)
+        if shared:
+            real += sum(prompt[i] + chosen[i] + rejected[i] for i in batch)
+            slots += len(batch) * max(prompt[i] + chosen[i] + rejected[i] for i in batch)
+        else:
+            real += sum(2 * prompt[i] + chosen[i] + rejected[i] for i in batch)
+            slots += 2 * len(batch) * max(prompt[i] + max(chosen[i], rejected[i]) for i in batch)
     return 1.0 - real / slots if slots else 0.0
 
 

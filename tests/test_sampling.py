@@ -7,6 +7,7 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from dpo_lightning.data import PreferenceCollator
+from dpo_lightning.prefix_sharing import shared_layout
 from dpo_lightning.sampling import EpochShuffleSampler, padding_fraction
 
 
@@ -38,6 +39,19 @@ def real_padding(pairs, order, batch_size):
     return pads / slots
 
 
+def real_shared_padding(pairs, order, batch_size):
+    collate = PreferenceCollator(pad_token_id=0)
+    pads = slots = 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([pairs[i] for i in order[start:start + batch_size]])
+        ids = shared_layout(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).input_ids
+        real = sum(len(pairs[i]["prompt_ids"]) + len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
+                   for i in order[start:start + batch_size])
+        pads += ids.numel() - real
+        slots += ids.numel()
+    return pads / slots
+
+
 def test_length_grouping_keeps_every_pair_splits_ranks_and_pads_less():
     pairs = random_pairs(203)
     lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
@@ -65,6 +79,10 @@ def test_length_grouping_keeps_every_pair_splits_ranks_and_pads_less():
         # the reported share is the collator's own padding
         assert padding_fraction(order, *columns, 2 * batch) == pytest.approx(grouped_pad, abs=1e-12)
         assert padding_fraction(list(plain), *columns, 2 * batch) == pytest.approx(plain_pad, abs=1e-12)
+        # ... and the shared layout's own padding
+        shared_pad = real_shared_padding(pairs, order, 2 * batch)
+        assert padding_fraction(order, *columns, 2 * batch, shared=True) == pytest.approx(shared_pad, abs=1e-12)
+        assert shared_pad < grouped_pad
     # epochs differ, and the order is not simply longest first
     first, second = (EpochShuffleSampler(pairs, seed=1, lengths=lengths, batch_size=8) for _ in range(2))
     second.set_epoch(1)
