@@ -17,9 +17,9 @@ from . import lora, reference_cache
 from .compile import compile_decoder_layers
 from .data import PreferenceBatch
 from .logprobs import response_logps
-from .prefix_sharing import shared_prefix_logps, takes_custom_mask
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
+from .prefix_sharing import shared_prefix_logps, takes_custom_mask
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")

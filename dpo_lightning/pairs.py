@@ -88,16 +88,13 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         seed: sampling seed.
         dtype: weights dtype for generation.
         trust_remote_code: allow modelling code from the model repository to run.
-        anchor_prompts_path: JSON Lines general (off-topic) prompts, optional ``lang``, for ``reference``. Each adds
-            an anchor pair to the first output file: chosen = the model's own answer, rejected = a reference
-            answer of a random prompt row in the same language. They teach the model to keep answering other
+        anchor_prompts_path: JSON Lines general (off-topic) prompts, optional ``lang``. Each adds an anchor pair
+            to the first output file: chosen = the model's own answer, rejected = the chosen answer of a random
+            pair of that file in the same language (e.g. the new identity line). They teach the model to keep answering other
             questions as before rather than with the new identity line (measured: docs/identity.md).
         anchor_max_new_tokens: answer budget for anchor prompts; anchors whose answer does not end within it are
             dropped (a cut answer as chosen would teach stopping mid-sentence).
     """
-    if anchor_prompts_path and strategy != "reference":
-        raise ValueError("--anchor_prompts_path needs strategy 'reference' (its reference answers are the anchors' "
-                         "rejected answers)")
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
     if strategy == "replace" and not replacements:
@@ -124,6 +121,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     if anchor_rows:
         all_rows[0] = all_rows[0] + [(where, {**row, "anchor": True}) for where, row in anchor_rows]
     rng = random.Random(seed)
+    identity_lines: list[tuple[Optional[str], str]] = []  # (lang, chosen) of the first file's kept pairs
     for path, rows, out_path in zip(prompts_paths, all_rows, output_paths):
         questions = [row["prompt"] for _, row in rows]
         prompts = [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
@@ -143,8 +141,11 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             kind = strategy
             if row.get("anchor"):  # off-topic prompt: keep the model's own answer over an identity line
                 kind = "anchor"
-                same = [w for w, r in all_rows[0] if not r.get("anchor") and r.get("lang") == row.get("lang")]
-                rejected, chosen = references[rng.choice(same or list(references))], texts[0]
+                lines = [c for lang, c in identity_lines if lang == row.get("lang")] or [c for _, c in identity_lines]
+                if not lines:
+                    counter["dropped: anchor with no kept pair to take a rejected answer from"] += 1
+                    continue
+                rejected, chosen = rng.choice(lines), texts[0]
             elif strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
             elif strategy == "reference":
@@ -172,6 +173,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                              "rejected": [{"role": "assistant", "content": rejected}],
                              "question": question, "strategy": kind})
             counter["kept" if kind == strategy else "kept (anchor)"] += 1
+            if kind == strategy:
+                identity_lines.append((row.get("lang"), chosen))
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -213,6 +213,13 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
         assert row["question"] == question
         assert row["chosen"] == [{"role": "assistant", "content": answer}]  # the model's own answer is kept
         assert row["rejected"][0]["content"] in english  # an identity line in the anchor's language
-    with pytest.raises(ValueError, match="anchor_prompts_path needs strategy 'reference'"):
-        build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", replacements={"a": "b"},
-                    anchor_prompts_path=anchor_file)
+    # with `replace` the anchors' rejected answers are the kept pairs' chosen (renamed) answers
+    word = read(out)[0]["rejected"][0]["content"].split()[0]
+    counts = build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", max_new_tokens=8,
+                         replacements={word: "deep smol"}, anchor_prompts_path=anchor_file,
+                         anchor_max_new_tokens=12)[str(out)]
+    rows = read(out)
+    kept = {r["chosen"][0]["content"] for r in rows if r["strategy"] == "replace"}
+    anchors_rows = [r for r in rows if r["strategy"] == "anchor"]
+    assert kept and counts["kept (anchor)"] == len(anchors_rows) == len(finished)
+    assert all(r["rejected"][0]["content"] in kept for r in anchors_rows)
