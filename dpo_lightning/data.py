@@ -41,6 +41,11 @@ class PreferenceBatch(TypedDict):
     ref_logps: NotRequired[Tensor]  # (2B,) precomputed reference log-probs, chosen then rejected
 
 
+def padded_length(pair: dict) -> int:
+    """Columns a tokenized pair takes in a plain batch: prompt + the longer response."""
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
 class PreferenceCollator:
     """Pads tokenized pairs into one :class:`PreferenceBatch`.
 
@@ -169,7 +174,8 @@ class PreferenceDataModule(LightningDataModule):
                  val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
-                 group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error", trust_remote_code: bool = False) -> None:
+                 group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error",
+                 trust_remote_code: bool = False) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -289,7 +295,7 @@ class PreferenceDataModule(LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         hp, pairs = self.hparams, self.train_pairs
         prompt, chosen, rejected = ([len(p[k]) for p in pairs] for k in _COLUMNS)
-        lengths = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected)] if hp.group_by_length else None
+        lengths = [padded_length(p) for p in pairs] if hp.group_by_length else None
         self.train_sampler = EpochShuffleSampler(pairs, hp.shuffle_seed, world, rank, lengths, hp.batch_size,
                                                  hp.length_group_batches)
         order = self.train_sampler.global_order(0)[rank::world]

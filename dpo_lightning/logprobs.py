@@ -7,7 +7,7 @@ logits are not ``lm_head(last_hidden_state)`` (final-logit soft-capping, logit s
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,8 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
 
     rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: hidden states that predict response tokens
-    return head_logps(model, hidden_states(model, input_ids=input_ids, attention_mask=attention_mask), rows, cols,
+    return head_logps(model.get_output_embeddings(),
+                      hidden_states(model, input_ids=input_ids, attention_mask=attention_mask), rows, cols,
                       input_ids[rows, cols + 1], rows, input_ids.shape[0], chunk_size, tokens)
 
 
@@ -58,20 +59,21 @@ def hidden_states(model: nn.Module, **inputs: Tensor) -> Tensor:
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
-def head_logps(model: nn.Module, hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, out_index: Tensor,
-               n_out: int, chunk_size: int, tokens: Tensor) -> ResponseLogps:
+def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor,
+               out_index: Tensor, n_out: int, chunk_size: int, tokens: Tensor) -> ResponseLogps:
     """Run the LM head on the hidden states at ``(rows, cols)`` only, in chunks, and sum the log-probs of
     ``targets`` into response ``out_index``.
 
     Args:
-        hidden: (R, T, H) hidden states.
+        head: the output layer, e.g. ``model.get_output_embeddings()``; the identity when ``hidden`` already
+            holds the logits (models whose logits are not ``lm_head(hidden)``).
+        hidden: (R, T, H) hidden states, or (R, T, V) logits.
         rows, cols: (N,) positions whose next-token prediction is scored.
         targets: (N,) the token each of those positions predicts.
         out_index: (N,) which of the ``n_out`` responses each position belongs to.
         tokens: (n_out,) response lengths, passed through.
     """
     h = hidden[rows, cols]  # (N, H)
-    head = model.get_output_embeddings()
     token_logps, token_logit_means = [], []
     for start in range(0, h.shape[0], chunk_size):
         logits = upcast(head(h[start:start + chunk_size]))  # (n, V)

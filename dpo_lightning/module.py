@@ -156,7 +156,7 @@ class DPOModule(LightningModule):
         if hp.use_peft:
             self.policy = lora.apply_lora(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
                                           hp.lora_target_modules)
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)
         if self.needs_reference and hp.precompute_ref_log_probs and hasattr(dm, "train_pairs"):
             self._precompute_reference()
         elif self.needs_reference and not self.shares_reference:
@@ -255,18 +255,18 @@ class DPOModule(LightningModule):
         # the reference runs first: its no-grad activations are gone before the policy's graph is built
         if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
             reference = batch[reference_cache.REF_KEY]
+        elif not self.needs_reference:
+            reference = None  # reference-free: log-prob 0
         elif self.reference is not None:
             with torch.no_grad():
                 reference = response_logps_fn(self.reference, *inputs, chunk_size=chunk).logps
-        elif self.shares_reference and self.needs_reference:
+        elif self.shares_reference:
             with torch.no_grad(), lora.adapters_disabled(self.policy):
                 reference = response_logps_fn(self.policy, *inputs, chunk_size=chunk).logps
-        elif self.needs_reference:
+        else:
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
-        else:
-            reference = None
         policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head
-from .losses import upcast
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -98,12 +97,9 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
-    n_out = input_ids.shape[0]
     if plain_head(model):
-        return head_logps(model, hidden_states(model, **inputs), layout.rows, layout.cols, layout.targets,
-                          layout.out_index, n_out, chunk_size, layout.tokens)
-    logits = upcast(model(**inputs, use_cache=False).logits[layout.rows, layout.cols])  # (N, V)
-    token_logps = logits.gather(-1, layout.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    zeros = torch.zeros(n_out, device=logits.device, dtype=logits.dtype)
-    return ResponseLogps(zeros.index_add(0, layout.out_index, token_logps), layout.tokens,
-                         zeros.index_add(0, layout.out_index, logits.detach().mean(-1)))
+        head, hidden = model.get_output_embeddings(), hidden_states(model, **inputs)
+    else:  # the model's own logits (soft-capping, scaling), gathered at the scored positions
+        head, hidden = nn.Identity(), model(**inputs, use_cache=False).logits
+    return head_logps(head, hidden, layout.rows, layout.cols, layout.targets, layout.out_index, input_ids.shape[0],
+                      chunk_size, layout.tokens)

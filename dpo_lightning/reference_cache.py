@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_open
-from .data import REF_KEY  # the pair field and the batch key
+from .data import REF_KEY, padded_length  # REF_KEY: the pair field and the batch key
 from .formats import fingerprint_source
 from .logprobs import response_logps
 
@@ -61,8 +61,7 @@ def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Ca
     Pairs are visited longest first in batches of ``batch_size``, so padding stays small; the result is put back in
     the original order.
     """
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i]["prompt_ids"]) + max(
-        len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]))))
+    order = sorted(range(len(pairs)), key=lambda i: -padded_length(pairs[i]))
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress or len(order) <= batch_size):
         index = order[start:start + batch_size]
