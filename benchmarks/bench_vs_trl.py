@@ -118,7 +118,7 @@ def run_plain(args) -> dict:
 
     dm = batches(args)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as TRL (adamw_torch_fused) and ours
     loader = iter(dm.train_dataloader())
     stamps = []
     for _ in range(args.steps + 1):

@@ -7,7 +7,7 @@ Both are plain classes, so YAML can replace them with any ``torch.optim`` class 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -15,11 +15,37 @@ from torch.optim.lr_scheduler import LambdaLR
 
 class AdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` with DPO's usual defaults: lr 1e-6 (TRL's default; Rafailov et al. used 5e-7 to
-    1e-6), no weight decay. torch's own default of 1e-3 destroys a pretrained model under DPO."""
+    1e-6), no weight decay. torch's own default of 1e-3 destroys a pretrained model under DPO.
+
+    ``fused`` None (the default) takes torch's fused kernel wherever every parameter is a plain floating-point
+    CPU or CUDA tensor, as Hugging Face's default ``adamw_torch_fused`` does: one kernel per tensor instead of
+    a chain of elementwise ops (on CPU torch otherwise loops over the tensors one op at a time). Sharded
+    parameters (FSDP2's DTensor) keep torch's own choice.
+    """
 
     def __init__(self, params: Iterable, lr: float = 1e-6, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: Optional[bool] = None) -> None:
+        params = [_group(item) if isinstance(item, dict) else item for item in params]
+        if fused is None:
+            fused = all(_fusable(p) for p in _tensors(params)) or None
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def _group(group: dict) -> dict:
+    """A param-group dict whose ``params`` is a list (a generator would be used up by the fused check)."""
+    tensors = group["params"]
+    return {**group, "params": [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)}
+
+
+def _tensors(params: list) -> Iterator[torch.Tensor]:
+    """The parameters of a list of tensors or of param-group dicts."""
+    for item in params:
+        yield from (item["params"] if isinstance(item, dict) else [item])
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    return type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype.is_floating_point and \
+        p.device.type in ("cpu", "cuda")
 
 
 class WarmupDecayLR(LambdaLR):

@@ -33,3 +33,24 @@ def test_no_warmup_starts_at_full_lr_and_defaults_are_dpo_sized():
     assert lrs("linear", warmup_ratio=0.0)[0] == 1.0
     opt = AdamW([torch.nn.Parameter(torch.zeros(1))])
     assert opt.defaults["lr"] == 1e-6 and opt.defaults["weight_decay"] == 0.0
+
+
+def test_adamw_takes_the_fused_kernel_and_matches_the_formula():
+    # three steps of torch's fused kernel against AdamW written out in float64 (decoupled weight decay)
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(3)]
+    param = torch.nn.Parameter(start.clone())
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.1
+    opt = AdamW([{"params": (p for p in [param])}], lr=lr, weight_decay=wd)  # a group given as a generator
+    assert opt.defaults["fused"] is True
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    p, m, v = start.double(), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        p = p * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    torch.testing.assert_close(param.detach().double(), p, rtol=1e-6, atol=1e-7)
+    assert AdamW([torch.nn.Parameter(torch.zeros(1))], fused=False).defaults["fused"] is False
