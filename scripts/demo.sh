@@ -3,12 +3,20 @@
 # Build pairs from the model's own answers, train DPO, then print the before/after table on held-out questions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh
-"$PY" -m dpo_lightning fetch-smollm2 --output_dir models/SmolLM2-135M-Instruct
-"$PY" -m dpo_lightning build-pairs --config configs/pairs/smollm2_identity.yaml
-"$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml
+timings=()
+phase() {  # phase NAME COMMAND...: run it and remember its wall time for the summary at the end
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  timings+=("$name $((SECONDS - start)) s")
+}
+phase set-up source scripts/setup_env.sh
+phase fetch-model "$PY" -m dpo_lightning fetch-smollm2 --output_dir models/SmolLM2-135M-Instruct
+phase build-pairs "$PY" -m dpo_lightning build-pairs --config configs/pairs/smollm2_identity.yaml
+phase fit "$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml
 run_dir=$(ls -td lightning_logs/version_* | head -n 1)
 # held-out questions (never trained on) and general prompts, base vs trained, as configured in the run's probes
-"$PY" -m dpo_lightning compare --run_dir "$run_dir" --output_path "$run_dir/compare.json"
+phase compare "$PY" -m dpo_lightning compare --run_dir "$run_dir" --output_path "$run_dir/compare.json"
 echo "Trained model (loads with transformers): $run_dir/hf_model"
 echo "TensorBoard: $PY -m tensorboard.main --logdir lightning_logs"
+echo "Demo wall time: ${SECONDS} s ($(IFS=,; echo "${timings[*]}" | sed 's/,/, /g'))"
