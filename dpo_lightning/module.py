@@ -185,7 +185,7 @@ class DPOModule(LightningModule):
         if not todo:
             return
         settings = [reference_cache.weights_fingerprint(self._reference_path), hp.dtype, hp.attn_implementation,
-                    str(trainer.precision), "v1"]
+                    str(trainer.precision), "v1"] + (["shared"] if hp.prefix_sharing else [])
         cache_dir = getattr(dm.hparams, "cache_dir", None)
         files = {name: reference_cache.cache_file(cache_dir, name, pairs, settings) if cache_dir else None
                  for name, pairs in todo}
@@ -216,10 +216,12 @@ class DPOModule(LightningModule):
         trainer, hp, strategy = self._trainer, self.hparams, self._trainer.strategy
         world, rank = trainer.world_size, trainer.global_rank
         mine = pairs[rank::world]  # each rank its strided share; gathered below
+        share = hp.prefix_sharing and takes_custom_mask(reference)  # the prompt once, as in the steps
         part = reference_cache.compute_reference_logps(
             reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
             strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,
-            desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero)
+            desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero,
+            logps_fn=shared_prefix_logps if share else response_logps)
         logps = part
         if world > 1:
             rows = -(-len(pairs) // world)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_open
 from .data import REF_KEY, padded_length  # REF_KEY: the pair field and the batch key
 from .formats import fingerprint_source
-from .logprobs import response_logps
+from .logprobs import ResponseLogps, response_logps
 
 
 def weights_fingerprint(path: str) -> str:
@@ -55,11 +55,11 @@ def cache_file(cache_dir: str, name: str, pairs: list[dict], settings: list[Any]
 def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Callable[[list[dict]], dict],
                             batch_size: int, device: torch.device, chunk_size: int = 1024,
                             autocast: Optional[Callable[[], Any]] = None, desc: str = "Reference log-probs",
-                            progress: bool = True) -> Tensor:
+                            progress: bool = True, logps_fn: Callable[..., ResponseLogps] = response_logps) -> Tensor:
     """``(N, 2)`` reference log-probs ``[chosen, rejected]`` of each pair, in the order of ``pairs``.
 
     Pairs are visited longest first in batches of ``batch_size``, so padding stays small; the result is put back in
-    the original order.
+    the original order. ``logps_fn`` is ``response_logps`` or ``shared_prefix_logps`` (prompt encoded once).
     """
     order = sorted(range(len(pairs)), key=lambda i: -padded_length(pairs[i]))
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
@@ -68,7 +68,7 @@ def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Ca
         batch = collate([pairs[i] for i in index])
         inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")]
         with autocast() if autocast is not None else nullcontext():
-            logps = response_logps(reference, *inputs, chunk_size=chunk_size).logps.float().cpu()  # (2B,)
+            logps = logps_fn(reference, *inputs, chunk_size=chunk_size).logps.float().cpu()  # (2B,)
         out[index] = torch.stack(logps.chunk(2), dim=-1)  # (B, 2)
     return out
 

@@ -1,16 +1,20 @@
 """model.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across runs,
 and no reference model held during the steps."""
 
+import functools
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from dpo_lightning import module as module_lib
+from dpo_lightning import reference_cache
 from dpo_lightning.cli import cli_main
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.module import DPOModule
+from dpo_lightning.prefix_sharing import shared_prefix_logps
 from test_cli import ROOT, TB_METRICS, scalar_tags
 
 TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differently padded batches
@@ -35,9 +39,14 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
                        "--model.precompute_ref_log_probs=false")
     assert loads == [tiny_model_dir, tiny_reference_dir]
     loads.clear()
+    layouts = []
+    real_pass = module_lib.reference_cache.compute_reference_logps
+    monkeypatch.setattr(module_lib.reference_cache, "compute_reference_logps",
+                        lambda *a, **k: layouts.append(k["logps_fn"].__name__) or real_pass(*a, **k))
     cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
                        "--model.precompute_ref_log_probs=true", "--model.precompute_batch_size=3")
     assert loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
+    assert layouts == ["shared_prefix_logps"] * 2  # train and val, prompt encoded once (prefix sharing default)
     assert cli.model.reference is None  # ... and released: no reference during the steps
     assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2  # train and val
 
@@ -80,3 +89,17 @@ def test_a_batch_without_reference_log_probs_is_refused(tiny_model_dir, pairs_js
     assert x.reference_chosen_logps.tolist() == [-1.0, -1.0] and x.reference_rejected_logps.tolist() == [-2.0, -2.0]
     assert module_lib.reference_cache.REF_KEY == "ref_logps"
     assert torch.is_tensor(x.policy_chosen_logps)
+
+
+def test_reference_pass_with_a_shared_prompt_equals_the_plain_layout(tiny_model_dir, pairs_jsonl):
+    # the precompute pass in the prefix-sharing layout against the plain (2B, T) layout, in fp64
+    dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, batch_size=3,
+                              cache_dir=None)
+    dm.setup("fit")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").double().eval()
+    run = functools.partial(reference_cache.compute_reference_logps, model, dm.train_pairs, dm._collator(), 3,
+                            torch.device("cpu"), progress=False)
+    plain, shared = run(), run(logps_fn=shared_prefix_logps)
+    assert plain.shape == (len(dm.train_pairs), 2)
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-6)  # the models keep rotary in fp32
+    assert (plain[:, 0] - plain[:, 1]).abs().max() > 1e-3  # chosen and rejected differ: not a vacuous match
