@@ -13,7 +13,8 @@ phase() {  # phase NAME COMMAND...: run it and remember its wall time for the su
 phase set-up source scripts/setup_env.sh
 phase fetch-model "$PY" -m dpo_lightning fetch-smollm2 --output_dir models/SmolLM2-135M-Instruct
 phase build-pairs "$PY" -m dpo_lightning build-pairs --config configs/pairs/smollm2_identity.yaml
-phase fit "$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml
+# no validation inside fit: its probes would answer the held-out questions that compare answers below
+phase fit "$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml --trainer.limit_val_batches 0
 run_dir=$(ls -td lightning_logs/version_* | head -n 1)
 # held-out questions (never trained on) and general prompts, base vs trained, as configured in the run's probes
 phase compare "$PY" -m dpo_lightning compare --run_dir "$run_dir" --output_path "$run_dir/compare.json"
