@@ -185,7 +185,7 @@ class DPOModule(LightningModule):
         if not todo:
             return
         settings = [reference_cache.weights_fingerprint(self._reference_path), hp.dtype, hp.attn_implementation,
-                    str(trainer.precision), "v1"] + (["shared"] if hp.prefix_sharing else [])
+                    str(trainer.precision), "v1"]  # not the layout or batch size: equal up to rounding
         cache_dir = getattr(dm.hparams, "cache_dir", None)
         files = {name: reference_cache.cache_file(cache_dir, name, pairs, settings) if cache_dir else None
                  for name, pairs in todo}
