@@ -19,7 +19,7 @@ from .data import PreferenceBatch
 from .logprobs import response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
-from .prefix_sharing import shared_prefix_logps, takes_custom_mask
+from .prefix_sharing import attention_pattern, shared_prefix_logps, takes_custom_mask
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -166,6 +166,10 @@ class DPOModule(LightningModule):
         if hp.prefix_sharing and not self.share_prefix:
             rank_zero_info("[dpo_lightning] prefix sharing off: the attention implementation "
                            f"{self.policy.config._attn_implementation!r} takes no custom attention mask")
+        if self.share_prefix and attention_pattern(self.policy.config).mixed:
+            rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full and sliding "
+                           f"window {attention_pattern(self.policy.config).window}); batches with a longer row run "
+                           "in the plain layout")
         if hp.torch_compile:
             for model in (self.policy, self.reference):
                 if model is not None:

@@ -6,6 +6,10 @@ plain ``(2B, T)`` batch: the log-probs are the same up to float rounding (``test
 Saves ``B * prompt`` tokens a forward and the padding between chosen and rejected; costs a ``(B, 1, L, L)`` mask,
 which needs the ``sdpa`` or ``eager`` attention implementation.
 
+Sliding-window models (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): a custom mask replaces the model's
+own, window included, so the window is applied here, in position space. When layers differ (some full, some
+sliding) one mask cannot serve both, and batches with a row longer than the window run the plain layout.
+
 Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
     input_ids     p0 p1 c0 r0 r1
@@ -15,12 +19,13 @@ Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head
+from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -36,8 +41,28 @@ class SharedLayout(NamedTuple):
     tokens: Tensor  # (2B,) response lengths, chosen then rejected
 
 
+class AttentionPattern(NamedTuple):
+    window: Optional[int]  # a sliding layer's keys: positions q - window < k <= q; None: no layer slides
+    mixed: bool  # layers of different kinds, which one custom mask cannot express
+
+
 def takes_custom_mask(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) in MASKED_IMPLEMENTATIONS
+
+
+def attention_pattern(config) -> AttentionPattern:
+    """What the model's own causal masks add to plain causality. Configs with ``layer_types`` (Qwen2, Gemma 2/3,
+    ...) name each layer's kind; the others (Mistral, Phi3) slide in every layer when ``sliding_window`` is set.
+    A kind other than full or sliding attention (chunked, ...) gives window 0: no row is shared."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not kinds:
+        return AttentionPattern(window, False)
+    if kinds == {"full_attention"}:
+        return AttentionPattern(None, False)
+    if not kinds <= {"full_attention", "sliding_attention"} or window is None:
+        return AttentionPattern(0, True)
+    return AttentionPattern(window, len(kinds) > 1)
 
 
 def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_token_id: int = 0) -> SharedLayout:
@@ -91,8 +116,17 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         raise ValueError(f"model.prefix_sharing needs a custom attention mask, which the {implementation!r} attention "
                          f"implementation does not take; set model.attn_implementation to one of "
                          f"{list(MASKED_IMPLEMENTATIONS)} or turn prefix sharing off")
+    pattern = attention_pattern(model.config)
+    if pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window:
+        if pattern.mixed:  # one mask cannot be full for some layers and sliding for others: the plain layout
+            warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
+                          "layers attend differently run in the plain layout", stacklevel=2)
+            return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size)
     layout = shared_layout(input_ids, attention_mask, loss_mask)
     mask = layout.mask
+    if pattern.window is not None:  # the window in position space: rejected tokens continue the prompt's positions
+        distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (B, 1, L, L)
+        mask = mask & (distance < pattern.window)
     if implementation == "eager":  # additive float mask: 0 where attending, the dtype's minimum elsewhere
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -1,5 +1,7 @@
 """model.prefix_sharing: one [prompt, chosen, rejected] row per pair gives the plain path's log-probs and gradients."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -99,3 +101,67 @@ def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir,
         metrics.append({k: v.item() for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
     assert metrics[0].keys() == metrics[1].keys() and "val/rewards/margins" in metrics[0]
     assert metrics[1] == pytest.approx(metrics[0], abs=1e-5)
+
+
+def tiny_architecture(name: str, window: int):
+    """A two-layer random model of another family, in fp64, with a sliding window of ``window`` tokens where the
+    family has one: the window is what the custom mask must reproduce."""
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    config, model = {
+        "qwen2": (T.Qwen2Config(**common), T.Qwen2ForCausalLM),  # Qwen2.5's architecture: no window
+        "qwen2_mixed": (T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=1),
+                        T.Qwen2ForCausalLM),  # layer 0 full, layer 1 sliding
+        "mistral": (T.MistralConfig(**common, sliding_window=window), T.MistralForCausalLM),  # every layer slides
+        "gemma3": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
+                                      layer_types=["sliding_attention"] * 2), T.Gemma3ForCausalLM),
+    }[name]
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model(config).double()
+
+
+LONG_AND_SHORT = [{"prompt_ids": [5, 6, 7, 8, 9, 10], "chosen_ids": [11, 12, 13, 14, 15, 16, 17], "rejected_ids": [21, 22]},
+                  {"prompt_ids": [5, 6, 7], "chosen_ids": [31], "rejected_ids": [33, 34, 35, 36, 37, 38, 39, 40]}]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_mixed", "mistral", "gemma3"])
+def test_other_architectures_and_sliding_windows_equal_the_plain_path(name):
+    # rows of 13 and 11 tokens against a window of 4: the window bites, in the shared rows as in the plain ones
+    batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
+    model = tiny_architecture(name, window=4)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    results = []
+    for fn in (response_logps, shared_prefix_logps):
+        model.zero_grad()
+        out = fn(model, *inputs, chunk_size=5)
+        (out.logps * torch.linspace(1, 2, 4, dtype=torch.float64)).sum().backward()
+        results.append((out.logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.isfinite(plain).all()
+    assert torch.allclose(shared, plain, atol=1e-6), (shared, plain)
+    for a, b in zip(plain_grads, shared_grads):
+        assert torch.allclose(a, b, atol=1e-6 * a.abs().max().item())
+
+
+def test_a_window_the_rows_fit_in_changes_nothing_and_mixed_layers_fall_back_only_when_it_bites():
+    from dpo_lightning.prefix_sharing import AttentionPattern, attention_pattern
+
+    import transformers as T
+    assert attention_pattern(T.LlamaConfig()) == AttentionPattern(None, False)
+    assert attention_pattern(T.Qwen2Config()) == AttentionPattern(None, False)  # Qwen2.5: use_sliding_window false
+    assert attention_pattern(T.MistralConfig(sliding_window=4096)) == AttentionPattern(4096, False)
+    assert attention_pattern(T.Gemma3TextConfig(sliding_window=512)) == AttentionPattern(512, True)
+    assert attention_pattern(T.Llama4TextConfig(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])).window == 0
+
+    batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    for window, falls_back in ((13, False), (12, True)):  # the longest plain row has 13 tokens
+        model = tiny_architecture("qwen2_mixed", window=window)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shared = shared_prefix_logps(model, *inputs)
+        assert any("plain layout" in str(w.message) for w in caught) == falls_back
+        assert torch.allclose(shared.logps, response_logps(model, *inputs).logps, atol=1e-6)
