@@ -19,7 +19,7 @@ from .data import PreferenceBatch
 from .logprobs import response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
-from .prefix_sharing import attention_pattern, shared_prefix_logps, takes_custom_mask
+from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -162,14 +162,14 @@ class DPOModule(LightningModule):
         elif self.needs_reference and not self.shares_reference:
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
         models = [m for m in (self.policy, self.reference) if m is not None]
-        self.share_prefix = hp.prefix_sharing and all(takes_custom_mask(m) for m in models)
-        if hp.prefix_sharing and not self.share_prefix:
-            rank_zero_info("[dpo_lightning] prefix sharing off: the attention implementation "
-                           f"{self.policy.config._attn_implementation!r} takes no custom attention mask")
-        if self.share_prefix and attention_pattern(self.policy.config).mixed:
-            rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full and sliding "
-                           f"window {attention_pattern(self.policy.config).window}); batches with a longer row run "
-                           "in the plain layout")
+        blocker = next((b for b in map(sharing_blocker, models) if b), None)
+        self.share_prefix = hp.prefix_sharing and blocker is None
+        if hp.prefix_sharing and blocker:
+            rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
+        pattern = attention_pattern(self.policy.config)
+        if self.share_prefix and pattern.mixed:
+            rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full, and sliding "
+                           f"over {pattern.window} tokens); batches with a longer row run in the plain layout")
         if hp.torch_compile:
             for model in (self.policy, self.reference):
                 if model is not None:
@@ -220,7 +220,7 @@ class DPOModule(LightningModule):
         trainer, hp, strategy = self._trainer, self.hparams, self._trainer.strategy
         world, rank = trainer.world_size, trainer.global_rank
         mine = pairs[rank::world]  # each rank its strided share; gathered below
-        share = hp.prefix_sharing and takes_custom_mask(reference)  # the prompt once, as in the steps
+        share = hp.prefix_sharing and not sharing_blocker(reference)  # the prompt once, as in the steps
         part = reference_cache.compute_reference_logps(
             reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
             strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,

@@ -8,7 +8,8 @@ which needs the ``sdpa`` or ``eager`` attention implementation.
 
 Sliding-window models (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): a custom mask replaces the model's
 own, window included, so the window is applied here, in position space. When layers differ (some full, some
-sliding) one mask cannot serve both, and batches with a row longer than the window run the plain layout.
+sliding) one mask cannot serve both, and batches with a row longer than the window run the plain layout. Models
+with layers that are not attention (convolutions, state spaces, linear attention) cannot share at all.
 
 Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
@@ -43,25 +44,41 @@ class SharedLayout(NamedTuple):
 
 class AttentionPattern(NamedTuple):
     window: Optional[int]  # a sliding layer's keys: positions q - window < k <= q; None: no layer slides
-    mixed: bool  # layers of different kinds, which one custom mask cannot express
+    mixed: bool  # some layers full, some sliding: one custom mask cannot serve both
 
 
-def takes_custom_mask(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) in MASKED_IMPLEMENTATIONS
+ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+
+
+def layer_kinds(config) -> set[str]:
+    """The kinds of layer a config names (``layer_types``, or ``layers_block_type`` in some hybrid models)."""
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
+    return {kind for kind in kinds if isinstance(kind, str)}
+
+
+def sharing_blocker(model: nn.Module) -> Optional[str]:
+    """Why one ``[prompt, chosen, rejected]`` row under a custom mask cannot give this model's plain-path
+    log-probs, or None when it can."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in MASKED_IMPLEMENTATIONS:
+        return (f"the {implementation!r} attention implementation takes no custom attention mask (set "
+                f"model.attn_implementation to one of {list(MASKED_IMPLEMENTATIONS)})")
+    others = layer_kinds(config) - ATTENTION_KINDS
+    if others:  # convolutions, state-space and linear-attention layers mix tokens the mask does not govern
+        return f"the model has layers of kind {sorted(others)}, which a custom attention mask does not restrict"
+    return None
 
 
 def attention_pattern(config) -> AttentionPattern:
     """What the model's own causal masks add to plain causality. Configs with ``layer_types`` (Qwen2, Gemma 2/3,
-    ...) name each layer's kind; the others (Mistral, Phi3) slide in every layer when ``sliding_window`` is set.
-    A kind other than full or sliding attention (chunked, ...) gives window 0: no row is shared."""
+    ...) name each layer's kind; the others (Mistral, Phi3) slide in every layer when ``sliding_window`` is set."""
     window = getattr(config, "sliding_window", None)
-    kinds = set(getattr(config, "layer_types", None) or [])
+    kinds = layer_kinds(config) & ATTENTION_KINDS
     if not kinds:
         return AttentionPattern(window, False)
-    if kinds == {"full_attention"}:
+    if "sliding_attention" not in kinds or window is None:
         return AttentionPattern(None, False)
-    if not kinds <= {"full_attention", "sliding_attention"} or window is None:
-        return AttentionPattern(0, True)
     return AttentionPattern(window, len(kinds) > 1)
 
 
@@ -111,11 +128,10 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
                         chunk_size: int = 1024) -> ResponseLogps:
     """The same :class:`~dpo_lightning.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
     forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if not takes_custom_mask(model):
-        raise ValueError(f"model.prefix_sharing needs a custom attention mask, which the {implementation!r} attention "
-                         f"implementation does not take; set model.attn_implementation to one of "
-                         f"{list(MASKED_IMPLEMENTATIONS)} or turn prefix sharing off")
+    blocker = sharing_blocker(model)
+    if blocker:
+        raise ValueError(f"model.prefix_sharing: {blocker}; or turn prefix sharing off")
+    implementation = model.config._attn_implementation
     pattern = attention_pattern(model.config)
     if pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window:
         if pattern.mixed:  # one mask cannot be full for some layers and sliding for others: the plain layout

@@ -154,7 +154,6 @@ def test_a_window_the_rows_fit_in_changes_nothing_and_mixed_layers_fall_back_onl
     assert attention_pattern(T.Qwen2Config()) == AttentionPattern(None, False)  # Qwen2.5: use_sliding_window false
     assert attention_pattern(T.MistralConfig(sliding_window=4096)) == AttentionPattern(4096, False)
     assert attention_pattern(T.Gemma3TextConfig(sliding_window=512)) == AttentionPattern(512, True)
-    assert attention_pattern(T.Llama4TextConfig(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])).window == 0
 
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -165,3 +164,20 @@ def test_a_window_the_rows_fit_in_changes_nothing_and_mixed_layers_fall_back_onl
             shared = shared_prefix_logps(model, *inputs)
         assert any("plain layout" in str(w.message) for w in caught) == falls_back
         assert torch.allclose(shared.logps, response_logps(model, *inputs).logps, atol=1e-6)
+
+
+def test_models_with_layers_that_are_not_attention_are_refused():
+    # LFM2's short convolutions mix neighbouring tokens whatever the mask says: a rejected token would read the
+    # chosen tokens before it (forced through here, its log-probs differ from the plain path by 4e-5 in fp64)
+    import transformers as T
+
+    from dpo_lightning.prefix_sharing import sharing_blocker
+
+    config = T.Lfm2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    model = T.Lfm2ForCausalLM(config)
+    assert "['conv']" in sharing_blocker(model)
+    assert sharing_blocker(tiny_architecture("qwen2_mixed", window=4)) is None
+    batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
+    with pytest.raises(ValueError, match=r"layers of kind \['conv'\]"):
+        shared_prefix_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
