@@ -15,6 +15,10 @@ class NonFiniteGuard(Callback):
     The check runs before the backward pass (loss) and before the optimizer step (gradients), so the bad update
     is never applied and no checkpoint with it is written; the last checkpoint on disk is the last good one.
 
+    Under fp16 loss scaling (``16-mixed``) an overflowing gradient is the scaler's signal: it skips that step and
+    halves its scale. The guard lets it, and stops only when the scale has fallen below 1 and the gradients still
+    overflow, which lowering the scale cannot cure.
+
     Args:
         enabled: set to false to train through non-finite values (not recommended).
     """
@@ -38,5 +42,10 @@ class NonFiniteGuard(Callback):
             return
         bad: Optional[str] = next((name for name, p in pl_module.named_parameters()
                                    if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-        if bad is not None:
-            self._stop(trainer, f"gradient in {bad}")
+        if bad is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1.0:
+            return  # the scaler skips this step and lowers its scale
+        scale = f" with the fp16 loss scale at {scaler.get_scale()}" if scaler is not None else ""
+        self._stop(trainer, f"gradient in {bad}{scale}")

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -349,6 +350,24 @@ class DPOModule(LightningModule):
         optimizer = self.optimizer_factory(params)
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except for an optimizer that would unscale fp16 gradients inside ``step`` (fused
+        AdamW, the default) under mixed precision: Lightning refuses to clip those, under bf16 too, where nothing is
+        scaled. Here a scaler (fp16) unscales them first, as Hugging Face Accelerate does (its ``step`` then skips
+        its own unscaling and still skips steps whose gradients overflowed), and they are clipped as usual."""
+        precision = self.trainer.precision_plugin
+        if not gradient_clip_val or not isinstance(precision, MixedPrecision) or \
+                not getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if precision.scaler is not None:
+            precision.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_train_start(self) -> None:
         # The schedule's length is set here, not in configure_optimizers: asking for estimated_stepping_batches
