@@ -118,35 +118,23 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
                                                  trust_remote_code=trust_remote_code).to(device)
     counts: dict[str, Counter] = {}
-    if anchor_rows:
-        all_rows[0] = all_rows[0] + [(where, {**row, "anchor": True}) for where, row in anchor_rows]
     rng = random.Random(seed)
     identity_lines: list[tuple[Optional[str], str]] = []  # (lang, chosen) of the first file's kept pairs
-    for path, rows, out_path in zip(prompts_paths, all_rows, output_paths):
+    for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
+        anchors = anchor_rows if index == 0 else []  # anchors go to the first output, after its identity pairs
         questions = [row["prompt"] for _, row in rows]
-        prompts = [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
         sampled = strategy == "on_policy"
-        n_main = sum(not row.get("anchor") for _, row in rows)  # anchors come last
-        answers = generate_answers(model, tokenizer, prompts[:n_main], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, num_return_sequences=num_samples if sampled else 1,
-                                   do_sample=sampled, temperature=temperature, top_p=top_p, seed=seed,
+        answers = generate_answers(model, tokenizer, [render_prompt(tokenizer, chat_messages(q, gen_system))
+                                                      for q in questions],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
+                                   temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
-        if n_main < len(rows):
-            answers += generate_answers(model, tokenizer, prompts[n_main:], max_new_tokens=anchor_max_new_tokens,
-                                        batch_size=batch_size, progress="answering anchor prompts")
         counter: Counter = Counter()
         out_rows = []
         for (where, row), question, candidates in zip(rows, questions, answers):
             texts = [a.text for a in candidates]
-            kind = strategy
-            if row.get("anchor"):  # off-topic prompt: keep the model's own answer over an identity line
-                kind = "anchor"
-                lines = [c for lang, c in identity_lines if lang == row.get("lang")] or [c for _, c in identity_lines]
-                if not lines:
-                    counter["dropped: anchor with no kept pair to take a rejected answer from"] += 1
-                    continue
-                rejected, chosen = rng.choice(lines), texts[0]
-            elif strategy == "replace":
+            if strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
             elif strategy == "reference":
                 rejected, chosen = texts[0], references[where]
@@ -158,27 +146,50 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                     counter["dropped: all samples scored the same"] += 1
                     continue
                 chosen, rejected = texts[best], texts[worst]
-            if not (chosen if kind == "anchor" else rejected).strip():
-                counter["dropped: empty model answer"] += 1
+            drop = _drop_reason(chosen, rejected, answer=rejected, strategy=strategy)
+            if drop:
+                counter[drop] += 1
                 continue
-            if kind == "anchor" and not candidates[0].finished:
-                counter["dropped: anchor answer did not end within anchor_max_new_tokens"] += 1
+            out_rows.append(_pair_row(question, system_prompt, chosen, rejected, strategy))
+            counter["kept"] += 1
+            identity_lines.append((row.get("lang"), chosen))
+        anchor_answers = generate_answers(
+            model, tokenizer, [render_prompt(tokenizer, chat_messages(row["prompt"], gen_system)) for _, row in anchors],
+            max_new_tokens=anchor_max_new_tokens, batch_size=batch_size, progress="answering anchor prompts"
+        ) if anchors else []
+        for (where, row), candidates in zip(anchors, anchor_answers):  # keep the model's own answer over an identity line
+            lines = [c for lang, c in identity_lines if lang == row.get("lang")] or [c for _, c in identity_lines]
+            if not lines:
+                counter["dropped: anchor with no kept pair to take a rejected answer from"] += 1
                 continue
-            if chosen == rejected:
-                counter["dropped: chosen identical to rejected" + (" (no name to replace)"
-                                                                   if strategy == "replace" else "")] += 1
+            rejected, chosen = rng.choice(lines), candidates[0].text
+            drop = _drop_reason(chosen, rejected, answer=chosen, strategy="anchor", finished=candidates[0].finished)
+            if drop:
+                counter[drop] += 1
                 continue
-            out_rows.append({"prompt": chat_messages(question, system_prompt),
-                             "chosen": [{"role": "assistant", "content": chosen}],
-                             "rejected": [{"role": "assistant", "content": rejected}],
-                             "question": question, "strategy": kind})
-            counter["kept" if kind == strategy else "kept (anchor)"] += 1
-            if kind == strategy:
-                identity_lines.append((row.get("lang"), chosen))
+            out_rows.append(_pair_row(row["prompt"], system_prompt, chosen, rejected, "anchor"))
+            counter["kept (anchor)"] += 1
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
-        print(f"[dpo_lightning] {out_path}: {len(rows)} prompts -> {summary or 'nothing'}")
+        print(f"[dpo_lightning] {out_path}: {len(rows) + len(anchors)} prompts -> {summary or 'nothing'}")
         counts[out_path] = counter
     return counts
+
+
+def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finished: bool = True) -> Optional[str]:
+    """Why a pair is not kept (``answer`` is the model's own answer in it), or None. ``finished``: an anchor's
+    answer ended within its budget (a cut answer as chosen would teach stopping mid-sentence)."""
+    if not answer.strip():
+        return "dropped: empty model answer"
+    if not finished:
+        return "dropped: anchor answer did not end within anchor_max_new_tokens"
+    if chosen == rejected:
+        return "dropped: chosen identical to rejected" + (" (no name to replace)" if strategy == "replace" else "")
+    return None
+
+
+def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str) -> dict:
+    return {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}

@@ -223,3 +223,16 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
     anchors_rows = [r for r in rows if r["strategy"] == "anchor"]
     assert kept and counts["kept (anchor)"] == len(anchors_rows) == len(finished)
     assert all(r["rejected"][0]["content"] in kept for r in anchors_rows)
+
+
+def test_a_prompt_rows_own_fields_do_not_make_it_an_anchor(tiny_model_dir, tmp_path):
+    # anchors come only from --anchor_prompts_path; a prompt file's row may carry any extra field, "anchor" too
+    rows = [{"prompt": q, "reference": "i am {name} .", "anchor": True} for q in QUESTIONS[:3]]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "pairs.jsonl"
+    counts = build_pairs(tiny_model_dir, [prompts], [str(out)], strategy="reference", max_new_tokens=8,
+                         placeholders={"name": "deep smol"})[str(out)]
+    expected = greedy_answers(tiny_model_dir, QUESTIONS[:3], 8)
+    assert counts == {"kept": 3} and all(expected)
+    assert [(r["question"], r["rejected"][0]["content"], r["strategy"]) for r in read(out)] == [
+        (q, a, "reference") for q, a in zip(QUESTIONS[:3], expected)]
