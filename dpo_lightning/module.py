@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from typing import Any, Literal, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -182,62 +182,23 @@ class DPOModule(LightningModule):
         return self.hparams.reference_name_or_path or self.hparams.model_name_or_path
 
     def _precompute_reference(self) -> None:
-        """Attach reference log-probs to every train/val pair of the data module (from the cache, or computed now
-        with a reference loaded for this pass only); see ``reference_cache.py``."""
-        trainer, hp = self._trainer, self.hparams
-        dm = trainer.datamodule
-        todo = [(name, pairs) for name, pairs in (("train", dm.train_pairs), ("val", dm.val_pairs))
-                if pairs and any(reference_cache.REF_KEY not in p for p in pairs)]
-        if not todo:
-            return
-        settings = [reference_cache.weights_fingerprint(self._reference_path), hp.dtype, hp.attn_implementation,
-                    str(trainer.precision), "v1"]  # not the layout or batch size: equal up to rounding
-        cache_dir = getattr(dm.hparams, "cache_dir", None)
-        files = {name: reference_cache.cache_file(cache_dir, name, pairs, settings) if cache_dir else None
-                 for name, pairs in todo}
-        cached = {name: reference_cache.load(files[name], len(pairs)) if files[name] else None for name, pairs in todo}
-        strategy = trainer.strategy
-        if strategy.reduce_boolean_decision(all(v is not None for v in cached.values()), all=True):
-            for name, pairs in todo:
-                reference_cache.attach(pairs, cached[name])
-            rank_zero_info(f"[dpo_lightning] reference log-probs from the cache ({', '.join(files.values())}); "
-                           "the reference model is not loaded")
-            return
-        with ExitStack() as stack:
-            if self.shares_reference:  # the policy before any step, adapters off: no second model loaded
-                reference = self.policy.to(strategy.root_device)
-                stack.enter_context(lora.adapters_disabled(reference))
-            else:
-                reference = self._load(self._reference_path).eval().requires_grad_(False).to(strategy.root_device)
-            for name, pairs in todo:
-                self._attach_reference_logps(reference, name, pairs, files[name], dm)
-        del reference  # released: the steps read the attached log-probs
-        rank_zero_info(f"[dpo_lightning] reference log-probs computed for {', '.join(n for n, _ in todo)}; "
-                       "the reference model is released")
+        """Attach reference log-probs to every train/val pair of the data module (``reference_cache.py``)."""
+        hp, trainer = self.hparams, self._trainer
+        reference_cache.precompute(
+            trainer, trainer.datamodule, self._reference_for_precompute, self._reference_path,
+            [hp.dtype, hp.attn_implementation, str(trainer.precision)], hp.precompute_batch_size,
+            hp.logits_chunk_size, hp.prefix_sharing)
 
-    def _attach_reference_logps(self, reference: nn.Module, name: str, pairs: list[dict], file: Optional[str],
-                                dm: Any) -> None:
-        """Compute ``reference``'s log-probs of ``pairs`` (each DDP rank its strided share, then gathered), attach
-        them, and save them to ``file`` (global rank 0)."""
-        trainer, hp, strategy = self._trainer, self.hparams, self._trainer.strategy
-        world, rank = trainer.world_size, trainer.global_rank
-        mine = pairs[rank::world]  # each rank its strided share; gathered below
-        share = hp.prefix_sharing and not sharing_blocker(reference)  # the prompt once, as in the steps
-        part = reference_cache.compute_reference_logps(
-            reference, mine, dm._collator(), hp.precompute_batch_size or dm.hparams.batch_size,
-            strategy.root_device, hp.logits_chunk_size, trainer.precision_plugin.forward_context,
-            desc=f"Reference log-probs ({name})", progress=trainer.is_global_zero,
-            logps_fn=shared_prefix_logps if share else response_logps)
-        logps = part
-        if world > 1:
-            rows = -(-len(pairs) // world)
-            padded = torch.zeros(rows, 2)
-            padded[:len(part)] = part
-            gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # (world, rows, 2)
-            logps = gathered.transpose(0, 1).reshape(-1, 2)[:len(pairs)]  # position i came from rank i % world
-        reference_cache.attach(pairs, logps)
-        if file and trainer.is_global_zero:
-            reference_cache.save(file, logps)
+    @contextmanager
+    def _reference_for_precompute(self) -> Iterator[nn.Module]:
+        """The reference for the one precompute pass: the policy before any step with its adapters off (LoRA), or
+        the reference model loaded for this pass only."""
+        device = self._trainer.strategy.root_device
+        if self.shares_reference:
+            with lora.adapters_disabled(self.policy.to(device)):
+                yield self.policy
+        else:
+            yield self._load(self._reference_path).eval().requires_grad_(False).to(device)
 
     def train(self, mode: bool = True) -> "DPOModule":
         super().train(mode)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -27,6 +28,9 @@ from .atomic import atomic_open
 from .data import REF_KEY, padded_length  # REF_KEY: the pair field and the batch key
 from .formats import fingerprint_source
 from .logprobs import ResponseLogps, response_logps
+from .prefix_sharing import shared_prefix_logps, sharing_blocker
+
+CACHE_VERSION = "v1"
 
 
 def weights_fingerprint(path: str) -> str:
@@ -89,3 +93,63 @@ def load(path: str, n_pairs: int) -> Optional[Tensor]:
         return None
     logps = torch.load(path, weights_only=True)
     return logps if logps.shape == (n_pairs, 2) else None
+
+
+def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], AbstractContextManager[nn.Module]],
+               reference_path: str, settings: list[Any], batch_size: Optional[int], chunk_size: int,
+               prefix_sharing: bool) -> None:
+    """Attach reference log-probs to every train and validation pair of ``datamodule`` (a
+    :class:`~dpo_lightning.data.PreferenceDataModule`): from the cache when every rank finds every split there,
+    else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
+
+    Args:
+        trainer: the Lightning trainer (ranks, device, precision context, progress on global rank 0).
+        reference_path: the reference's weights, for the cache key (with ``settings``: dtype, attention
+            implementation, precision; not the layout or batch size, which change the values only by rounding).
+        batch_size: pairs per batch of the pass; the data's batch size when None.
+        prefix_sharing: run the pass in the prefix-sharing layout when the reference allows it, as the steps do.
+    """
+    todo = [(name, pairs) for name, pairs in (("train", datamodule.train_pairs), ("val", datamodule.val_pairs))
+            if pairs and any(REF_KEY not in p for p in pairs)]
+    if not todo:
+        return
+    settings = [weights_fingerprint(reference_path), *settings, CACHE_VERSION]
+    cache_dir = getattr(datamodule.hparams, "cache_dir", None)
+    files = {name: cache_file(cache_dir, name, pairs, settings) if cache_dir else None for name, pairs in todo}
+    cached = {name: load(files[name], len(pairs)) if files[name] else None for name, pairs in todo}
+    if trainer.strategy.reduce_boolean_decision(all(v is not None for v in cached.values()), all=True):
+        for name, pairs in todo:
+            attach(pairs, cached[name])
+        rank_zero_info(f"[dpo_lightning] reference log-probs from the cache ({', '.join(files.values())}); "
+                       "the reference model is not loaded")
+        return
+    with open_reference() as reference:
+        share = prefix_sharing and not sharing_blocker(reference)  # the prompt once, as in the steps
+        for name, pairs in todo:
+            logps = _computed_on_all_ranks(trainer, reference, pairs, datamodule._collator(),
+                                           batch_size or datamodule.hparams.batch_size, chunk_size,
+                                           f"Reference log-probs ({name})",
+                                           shared_prefix_logps if share else response_logps)
+            attach(pairs, logps)
+            if files[name] and trainer.is_global_zero:
+                save(files[name], logps)
+    del reference  # released: the steps read the attached log-probs
+    rank_zero_info(f"[dpo_lightning] reference log-probs computed for {', '.join(n for n, _ in todo)}; "
+                   "the reference model is released")
+
+
+def _computed_on_all_ranks(trainer: Any, reference: nn.Module, pairs: list[dict], collate: Callable, batch_size: int,
+                           chunk_size: int, desc: str, logps_fn: Callable[..., ResponseLogps]) -> Tensor:
+    """``(N, 2)`` log-probs of all ``pairs`` on every rank: each DDP rank computes its strided share, then they
+    are gathered (pair i came from rank i % world)."""
+    world, strategy = trainer.world_size, trainer.strategy
+    part = compute_reference_logps(reference, pairs[trainer.global_rank::world], collate, batch_size,
+                                   strategy.root_device, chunk_size, trainer.precision_plugin.forward_context,
+                                   desc=desc, progress=trainer.is_global_zero, logps_fn=logps_fn)
+    if world == 1:
+        return part
+    rows = -(-len(pairs) // world)
+    padded = torch.zeros(rows, 2)
+    padded[:len(part)] = part
+    gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # (world, rows, 2)
+    return gathered.transpose(0, 1).reshape(-1, 2)[:len(pairs)]
