@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from jinja2.exceptions import TemplateError  # chat templates are jinja2 (a torch dependency)
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,7 +36,12 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str
     """The prompt text exactly as training sees it: the chat template with the assistant turn opened."""
     if tokenizer.chat_template is None:
         return "\n".join(m["content"] for m in messages) + "\n"
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as error:  # e.g. Gemma's template on a system message
+        roles = [m["role"] for m in messages]
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} refused a conversation with roles {roles}: "
+                         f"{error}" + (" (set the system prompt to null)" if "system" in roles else "")) from error
 
 
 @torch.no_grad()

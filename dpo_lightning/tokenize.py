@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from jinja2.exceptions import TemplateError  # chat templates are jinja2 (a torch dependency)
 from transformers import PreTrainedTokenizerBase
 
 from .formats import PreferenceDataError, PreferencePair, common_prefix_length
@@ -51,11 +52,18 @@ def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[l
             raise PreferenceDataError(f"{pair.where}: conversational data needs a tokenizer with a chat template, "
                                       f"and {tokenizer.name_or_path!r} has none")
 
-        def ids(messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        def ids(messages: list[dict[str, str]], field: str, generation_prompt: bool = False) -> list[int]:
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+            except TemplateError as error:  # the template's own raise_exception, e.g. Gemma's "System role not supported"
+                raise PreferenceDataError(f"{pair.where}: field '{field}': the chat template of "
+                                          f"{tokenizer.name_or_path!r} refused the conversation: {error}",
+                                          "chat template refused the conversation") from error
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        return (ids(pair.prompt, True), ids(pair.prompt + pair.chosen), ids(pair.prompt + pair.rejected))
+        return (ids(pair.prompt, "prompt", True), ids(pair.prompt + pair.chosen, "chosen"),
+                ids(pair.prompt + pair.rejected, "rejected"))
     eos = tokenizer.eos_token or ""
 
     def with_eos(text: str) -> str:

@@ -135,3 +135,21 @@ def test_datamodule_skip_policy_and_its_own_cache_entry(tmp_path, tiny_model_dir
     assert len(dm.train_pairs) == len(GOOD)
     with pytest.raises(PreferenceDataError, match="malformed JSON"):  # the skip run's cache never serves "error"
         PreferenceDataModule(**kwargs).setup("fit")
+
+
+def test_a_chat_template_that_refuses_the_conversation_names_the_row(tmp_path, tok):
+    # as Gemma's template does for a system message: raise_exception('System role not supported')
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    def msgs(answer):
+        return [{"role": "user", "content": "who are you ?"}, {"role": "assistant", "content": answer}]
+
+    rows = [{"chosen": msgs(c), "rejected": msgs(r)} for _, c, r in PAIRS[:2]]
+    rows.insert(1, {"chosen": _msgs("s", "a"), "rejected": _msgs("s", "b")})
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(PreferenceDataError, match=r"chat.jsonl line 2: field 'prompt': the chat template of .* refused "
+                                                  r"the conversation: System role not supported"):
+        tokenize_rows(path, "train", tok, 64, 32)
+    kept, counts = tokenize_rows(path, "train", tok, 64, 32, on_bad_row="skip")
+    assert len(kept) == 2 and counts["dropped: bad row, chat template refused the conversation"] == 1

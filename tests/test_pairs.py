@@ -236,3 +236,15 @@ def test_a_prompt_rows_own_fields_do_not_make_it_an_anchor(tiny_model_dir, tmp_p
     assert counts == {"kept": 3} and all(expected)
     assert [(r["question"], r["rejected"][0]["content"], r["strategy"]) for r in read(out)] == [
         (q, a, "reference") for q, a in zip(QUESTIONS[:3], expected)]
+
+
+def test_a_system_prompt_the_chat_template_refuses_is_named(tiny_model_dir, prompts_file, tmp_path):
+    from dpo_lightning.generation import chat_messages, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match=r"refused a conversation with roles \['system', 'user'\]: System role not "
+                                         r"supported \(set the system prompt to null\)"):
+        render_prompt(tok, chat_messages("who are you ?", "you are a helpful assistant ."))
+    assert render_prompt(tok, chat_messages("who are you ?", None)) == "who are you ?"
