@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -153,6 +153,10 @@ class DPOModule(LightningModule):
         self.policy = self._load(self.hparams.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         hp = self.hparams
+        if getattr(self.policy.config, "output_router_logits", False):
+            rank_zero_warn("[dpo_lightning] the model config sets output_router_logits, but the mixture-of-experts "
+                           "router's load-balancing loss is not added to the loss here (TRL adds "
+                           "router_aux_loss_coef x aux_loss): the experts' balance is not trained")
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.use_peft:
