@@ -53,10 +53,14 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
                       input_ids[rows, cols + 1], rows, input_ids.shape[0], chunk_size, tokens)
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder without its LM head (through a PEFT wrapper too)."""
+    return model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
+
+
 def hidden_states(model: nn.Module, **inputs: Tensor) -> Tensor:
     """``(rows, T, H)`` last hidden states of the model's backbone (no LM head)."""
-    backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
-    return backbone(**inputs, use_cache=False).last_hidden_state
+    return backbone(model)(**inputs, use_cache=False).last_hidden_state
 
 
 def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor,

@@ -20,7 +20,7 @@ from .data import PreferenceBatch
 from .logprobs import response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
-from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker
+from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker, takes_mask_mapping
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -173,7 +173,7 @@ class DPOModule(LightningModule):
         if hp.prefix_sharing and blocker:
             rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
         pattern = attention_pattern(self.policy.config)
-        if self.share_prefix and pattern.mixed:
+        if self.share_prefix and pattern.mixed and not takes_mask_mapping(self.policy):
             rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full, and sliding "
                            f"over {pattern.window} tokens); batches with a longer row run in the plain layout")
         if hp.torch_compile:

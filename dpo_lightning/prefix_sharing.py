@@ -8,8 +8,9 @@ which needs the ``sdpa`` or ``eager`` attention implementation.
 
 Sliding-window models (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): a custom mask replaces the model's
 own, window included, so the window is applied here, in position space. When layers differ (some full, some
-sliding) one mask cannot serve both, and batches with a row longer than the window run the plain layout. Models
-with layers that are not attention (convolutions, state spaces, linear attention) cannot share at all.
+sliding), the backbone gets one mask per kind of layer, as ``generate`` hands it; a model that takes no such
+mapping runs batches with a row longer than the window in the plain layout. Models with layers that are not
+attention (convolutions, state spaces, linear attention) cannot share at all.
 
 Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
@@ -20,13 +21,14 @@ Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
+from .logprobs import ResponseLogps, backbone, head_logps, hidden_states, plain_head, response_logps
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -68,6 +70,21 @@ def sharing_blocker(model: nn.Module) -> Optional[str]:
     if others:  # convolutions, state-space and linear-attention layers mix tokens the mask does not govern
         return f"the model has layers of kind {sorted(others)}, which a custom attention mask does not restrict"
     return None
+
+
+def takes_mask_mapping(model: nn.Module) -> bool:
+    """Whether the backbone takes a ``{layer kind: mask}`` mapping as its attention mask, as ``generate`` hands
+    the models with ``layer_types`` (Gemma 2/3, Qwen2, ...): their forward then skips building its own masks."""
+    try:
+        source = inspect.getsource(type(backbone(model)).forward)
+    except (OSError, TypeError):
+        return False
+    return "attention_mask, dict)" in source
+
+
+def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as eager attention adds it: 0 where attending, the dtype's minimum elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def attention_pattern(config) -> AttentionPattern:
@@ -133,19 +150,20 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         raise ValueError(f"model.prefix_sharing: {blocker}; or turn prefix sharing off")
     implementation = model.config._attn_implementation
     pattern = attention_pattern(model.config)
-    if pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window:
-        if pattern.mixed:  # one mask cannot be full for some layers and sliding for others: the plain layout
-            warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
-                          "layers attend differently run in the plain layout", stacklevel=2)
-            return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size)
+    bites = pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window
+    if bites and pattern.mixed and not takes_mask_mapping(model):  # one mask cannot serve full and sliding layers
+        warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
+                      "layers attend differently run in the plain layout", stacklevel=2)
+        return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size)
     layout = shared_layout(input_ids, attention_mask, loss_mask)
-    mask = layout.mask
-    if pattern.window is not None:  # the window in position space: rejected tokens continue the prompt's positions
+    mask: Union[Tensor, dict[str, Tensor]] = layout.mask
+    if bites:  # the window in position space: rejected tokens continue the prompt's positions
         distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (B, 1, L, L)
-        mask = mask & (distance < pattern.window)
-    if implementation == "eager":  # additive float mask: 0 where attending, the dtype's minimum elsewhere
+        sliding = layout.mask & (distance < pattern.window)
+        mask = {"full_attention": layout.mask, "sliding_attention": sliding} if pattern.mixed else sliding
+    if implementation == "eager":  # additive float masks: 0 where attending, the dtype's minimum elsewhere
         dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = {kind: additive(m, dtype) for kind, m in mask.items()} if isinstance(mask, dict) else additive(mask, dtype)
     inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
     if plain_head(model):
         head, hidden = model.get_output_embeddings(), hidden_states(model, **inputs)

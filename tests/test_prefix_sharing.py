@@ -117,6 +117,8 @@ def tiny_architecture(name: str, window: int):
         "mistral": (T.MistralConfig(**common, sliding_window=window), T.MistralForCausalLM),  # every layer slides
         "gemma3": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
                                       layer_types=["sliding_attention"] * 2), T.Gemma3ForCausalLM),
+        "gemma3_mixed": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
+                                            layer_types=["sliding_attention", "full_attention"]), T.Gemma3ForCausalLM),
     }[name]
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -127,14 +129,18 @@ LONG_AND_SHORT = [{"prompt_ids": [5, 6, 7, 8, 9, 10], "chosen_ids": [11, 12, 13,
                   {"prompt_ids": [5, 6, 7], "chosen_ids": [31], "rejected_ids": [33, 34, 35, 36, 37, 38, 39, 40]}]
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_mixed", "mistral", "gemma3"])
-def test_other_architectures_and_sliding_windows_equal_the_plain_path(name):
-    # rows of 13 and 11 tokens against a window of 4: the window bites, in the shared rows as in the plain ones
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_mixed", "mistral", "gemma3", "gemma3_mixed"])
+def test_other_architectures_and_sliding_windows_equal_the_plain_path(name, implementation):
+    # rows of 13 and 11 tokens against a window of 4: the window bites, in the shared rows as in the plain ones.
+    # The plain path runs sdpa: eager on right-padded rows gives NaN in fp64 here (a padding query whose whole
+    # window is padding), a transformers matter that fp32 and bf16 do not show.
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
     model = tiny_architecture(name, window=4)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     results = []
     for fn in (response_logps, shared_prefix_logps):
+        model.config._attn_implementation = "sdpa" if fn is response_logps else implementation
         model.zero_grad()
         out = fn(model, *inputs, chunk_size=5)
         (out.logps * torch.linspace(1, 2, 4, dtype=torch.float64)).sum().backward()
@@ -146,17 +152,21 @@ def test_other_architectures_and_sliding_windows_equal_the_plain_path(name):
         assert torch.allclose(a, b, atol=1e-6 * a.abs().max().item())
 
 
-def test_a_window_the_rows_fit_in_changes_nothing_and_mixed_layers_fall_back_only_when_it_bites():
-    from dpo_lightning.prefix_sharing import AttentionPattern, attention_pattern
+def test_window_patterns_and_the_plain_fallback_for_models_without_a_mask_per_layer_kind(monkeypatch):
+    import dpo_lightning.prefix_sharing as sharing
+    from dpo_lightning.prefix_sharing import AttentionPattern, attention_pattern, takes_mask_mapping
 
     import transformers as T
     assert attention_pattern(T.LlamaConfig()) == AttentionPattern(None, False)
     assert attention_pattern(T.Qwen2Config()) == AttentionPattern(None, False)  # Qwen2.5: use_sliding_window false
     assert attention_pattern(T.MistralConfig(sliding_window=4096)) == AttentionPattern(4096, False)
     assert attention_pattern(T.Gemma3TextConfig(sliding_window=512)) == AttentionPattern(512, True)
+    assert takes_mask_mapping(tiny_architecture("qwen2_mixed", 4)) and takes_mask_mapping(
+        tiny_architecture("gemma3_mixed", 4))
 
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    monkeypatch.setattr(sharing, "takes_mask_mapping", lambda model: False)  # as a model without the mapping
     for window, falls_back in ((13, False), (12, True)):  # the longest plain row has 13 tokens
         model = tiny_architecture("qwen2_mixed", window=window)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
