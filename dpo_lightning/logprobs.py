@@ -2,12 +2,14 @@
 
 The LM head runs on response positions only, in chunks: the ``(2B, T, V)`` logits are never built, which
 matters for 150k-token vocabularies. Log-softmax is computed in fp32 whatever the model's dtype. Models whose
-logits are not ``lm_head(last_hidden_state)`` (final-logit soft-capping, logit scaling) take the plain path.
+logits are not ``lm_head(last_hidden_state)`` (final-logit soft-capping, logit scaling; see ``plain_head``) take
+the plain path through their own logits.
 """
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +23,38 @@ class ResponseLogps(NamedTuple):
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
 
 
+# config attributes of Hugging Face models whose logits are not lm_head(hidden): soft-capping (Gemma 2/3), scales
+# and multipliers (Cohere, Granite, HyperCLOVA X, Falcon-H1, ...)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                    "output_multiplier", "output_multiplier_scale")
+_PLAIN_HEAD: WeakKeyDictionary = WeakKeyDictionary()  # model -> plain_head's answer, checked once
+
+
 def plain_head(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return False
-    return model.get_output_embeddings() is not None and hasattr(model, "base_model")
+    """Whether the model's logits are ``lm_head(last hidden state)``, so the head can run on response positions
+    only: no logit transform named in its config, and, checked once per model on four tokens, its own logits
+    agree (modelling code from a repository may transform them without a config entry)."""
+    if model not in _PLAIN_HEAD:
+        config = getattr(model, "config", None)
+        named = any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in LOGIT_TRANSFORMS)
+        structured = model.get_output_embeddings() is not None and hasattr(model, "base_model")
+        _PLAIN_HEAD[model] = not named and structured and _head_gives_the_logits(model)
+    return _PLAIN_HEAD[model]
+
+
+def _head_gives_the_logits(model: nn.Module) -> bool:
+    """``lm_head(hidden)`` equals the model's own logits on four tokens (eval mode, no grad)."""
+    device = next(model.parameters()).device
+    ids = torch.arange(4, device=device)[None] % model.get_output_embeddings().weight.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            head = model.get_output_embeddings()(hidden_states(model, input_ids=ids))
+    finally:
+        model.train(was_training)
+    return logits.shape == head.shape and torch.allclose(upcast(head), upcast(logits), rtol=1e-3, atol=1e-4)
 
 
 def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,

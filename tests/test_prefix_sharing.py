@@ -191,3 +191,34 @@ def test_models_with_layers_that_are_not_attention_are_refused():
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
     with pytest.raises(ValueError, match=r"layers of kind \['conv'\]"):
         shared_prefix_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+
+def test_models_whose_logits_are_not_the_head_of_the_hidden_states_take_their_own_logits():
+    # Falcon-H1 multiplies the head's output by config.lm_head_multiplier; a model from a repository's own code may
+    # transform its logits with no config entry (here: halved in forward). Both must score with their own logits.
+    import transformers as T
+
+    from dpo_lightning.logprobs import plain_head
+    from dpo_lightning.losses import sequence_logps
+
+    class HalvedLogits(T.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 2
+            return out
+
+    falcon = T.FalconH1Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_n_heads=4, mamba_d_head=16,
+                              mamba_d_ssm=64, mamba_d_state=8, mamba_chunk_size=4, lm_head_multiplier=0.25)
+    llama = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2)
+    batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    torch.manual_seed(0)
+    for model, plain in ((T.FalconH1ForCausalLM(falcon), False), (HalvedLogits(llama), False),
+                         (T.LlamaForCausalLM(llama), True)):
+        model = model.double().eval()
+        with torch.no_grad():
+            expected = sequence_logps(model(input_ids=inputs[0], attention_mask=inputs[1]).logits, inputs[0], inputs[2])
+            assert plain_head(model) == plain
+            assert torch.allclose(response_logps(model, *inputs).logps, expected, atol=1e-8)
