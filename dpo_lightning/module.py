@@ -59,9 +59,9 @@ class DPOModule(LightningModule):
         precompute_batch_size: pairs per batch of that pass; the data's batch size when unset.
         prefix_sharing: run each pair as one sequence ``[prompt, chosen, rejected]`` in which the rejected tokens
             see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same. Used
-            with the ``sdpa`` and ``eager`` attention implementations; with others (which take no custom mask),
-            and in models with layers that are not attention (convolutions, state spaces), the plain layout runs
-            instead. Sliding windows are kept (see ``prefix_sharing.py``).
+            with the ``sdpa`` and ``eager`` attention implementations on the model types verified to give the same
+            log-probs (``prefix_sharing.VERIFIED_MODEL_TYPES``); elsewhere the plain layout runs. Sliding windows
+            are kept (see ``prefix_sharing.py``).
         torch_compile: ``torch.compile`` each decoder layer of the policy and reference (dynamic shapes); the first
             steps are slow while it compiles.
         torch_compile_backend: compiler backend; ``inductor`` when unset.

@@ -50,6 +50,16 @@ class AttentionPattern(NamedTuple):
 
 
 ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+# Model types whose shared-layout log-probs equal the plain layout's (tiny random models of each,
+# tests/test_prefix_sharing.py). Others may take positions from token indices rather than ``position_ids`` or
+# build position biases from a 2-D mask (ALiBi: Bloom, MPT), which a shared row would get wrong; they run plain.
+VERIFIED_MODEL_TYPES = frozenset({
+    "apertus", "arcee", "aria_text", "biogpt", "bitnet", "codegen", "cohere", "cohere2", "ctrl", "diffllama", "doge",
+    "ernie4_5", "ernie4_5_moe", "exaone4", "falcon", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe",
+    "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granitemoe",
+    "granitemoeshared", "helium", "hunyuan_v1_dense", "jetmoe", "llama", "minimax_m2", "ministral", "mistral",
+    "mixtral", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3", "phimoe", "qwen2",
+    "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2"})
 
 
 def layer_kinds(config) -> set[str]:
@@ -69,6 +79,11 @@ def sharing_blocker(model: nn.Module) -> Optional[str]:
     others = layer_kinds(config) - ATTENTION_KINDS
     if others:  # convolutions, state-space and linear-attention layers mix tokens the mask does not govern
         return f"the model has layers of kind {sorted(others)}, which a custom attention mask does not restrict"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in VERIFIED_MODEL_TYPES or getattr(config, "alibi", False):  # Falcon's ALiBi variant
+        return (f"model type {model_type!r}{' with ALiBi' if getattr(config, 'alibi', False) else ''} is not among "
+                "those whose shared rows were verified to give the plain layout's log-probs "
+                "(prefix_sharing.VERIFIED_MODEL_TYPES)")
     return None
 
 
