@@ -21,6 +21,7 @@ Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import NamedTuple, Optional, Union
@@ -90,8 +91,13 @@ def sharing_blocker(model: nn.Module) -> Optional[str]:
 def takes_mask_mapping(model: nn.Module) -> bool:
     """Whether the backbone takes a ``{layer kind: mask}`` mapping as its attention mask, as ``generate`` hands
     the models with ``layer_types`` (Gemma 2/3, Qwen2, ...): their forward then skips building its own masks."""
+    return _forward_takes_mask_mapping(type(backbone(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_mask_mapping(cls: type) -> bool:
     try:
-        source = inspect.getsource(type(backbone(model)).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "attention_mask, dict)" in source
