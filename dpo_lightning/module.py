@@ -328,11 +328,10 @@ class DPOModule(LightningModule):
             return
         if precision.scaler is not None:
             precision.scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        if gradient_clip_algorithm == "value":  # the plugin's own clipping, without its refusal
+            precision.clip_grad_by_value(optimizer, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            precision.clip_grad_by_norm(optimizer, gradient_clip_val)
 
     def on_train_start(self) -> None:
         # The schedule's length is set here, not in configure_optimizers: asking for estimated_stepping_batches

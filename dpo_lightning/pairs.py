@@ -118,15 +118,18 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
                                                  trust_remote_code=trust_remote_code).to(device)
     counts: dict[str, Counter] = {}
+
+    def rendered(questions: list[str]) -> list[str]:
+        return [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
+
     rng = random.Random(seed)
     identity_lines: list[tuple[Optional[str], str]] = []  # (lang, chosen) of the first file's kept pairs
     for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
         anchors = anchor_rows if index == 0 else []  # anchors go to the first output, after its identity pairs
         questions = [row["prompt"] for _, row in rows]
         sampled = strategy == "on_policy"
-        answers = generate_answers(model, tokenizer, [render_prompt(tokenizer, chat_messages(q, gen_system))
-                                                      for q in questions],
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+        answers = generate_answers(model, tokenizer, rendered(questions), max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size,
                                    num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
@@ -153,10 +156,9 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             out_rows.append(_pair_row(question, system_prompt, chosen, rejected, strategy))
             counter["kept"] += 1
             identity_lines.append((row.get("lang"), chosen))
-        anchor_answers = generate_answers(
-            model, tokenizer, [render_prompt(tokenizer, chat_messages(row["prompt"], gen_system)) for _, row in anchors],
-            max_new_tokens=anchor_max_new_tokens, batch_size=batch_size, progress="answering anchor prompts"
-        ) if anchors else []
+        anchor_answers = generate_answers(model, tokenizer, rendered([row["prompt"] for _, row in anchors]),
+                                          max_new_tokens=anchor_max_new_tokens, batch_size=batch_size,
+                                          progress="answering anchor prompts") if anchors else []
         for (where, row), candidates in zip(anchors, anchor_answers):  # keep the model's own answer over an identity line
             lines = [c for lang, c in identity_lines if lang == row.get("lang")] or [c for _, c in identity_lines]
             if not lines:
