@@ -8,7 +8,9 @@ the plain path through their own logits.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import functools
+import inspect
+from typing import Callable, NamedTuple, Optional
 from weakref import WeakKeyDictionary
 
 import torch
@@ -21,6 +23,7 @@ class ResponseLogps(NamedTuple):
     logps: Tensor  # (2B,) summed log-probs of each response
     tokens: Tensor  # (2B,) response lengths
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
+    aux_loss: Optional[Tensor] = None  # () mixture-of-experts router load-balancing loss, when asked for
 
 
 # config attributes of Hugging Face models whose logits are not lm_head(hidden): soft-capping (Gemma 2/3), scales
@@ -58,7 +61,7 @@ def _head_gives_the_logits(model: nn.Module) -> bool:
 
 
 def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                   chunk_size: int = 1024) -> ResponseLogps:
+                   chunk_size: int = 1024, router_aux: bool = False) -> ResponseLogps:
     """Forward ``model`` once on the whole ``(2B, T)`` batch and reduce to per-response sums.
 
     Args:
@@ -67,28 +70,61 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         attention_mask: (2B, T)
         loss_mask: (2B, T) 1 on response tokens.
         chunk_size: response positions per LM-head chunk.
+        router_aux: also return the mixture-of-experts router's load-balancing loss over the batch's tokens, as
+            the model's own forward computes it (``output_router_logits``).
     """
     target_mask = loss_mask[:, 1:].bool()  # (2B, T-1): position t predicts token t + 1
     tokens = target_mask.sum(-1)
     if not plain_head(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logit_sums = (upcast(logits[:, :-1]).mean(-1) * target_mask).sum(-1)
-        return ResponseLogps(sequence_logps(logits, input_ids, loss_mask), tokens, logit_sums)
+        router = {"output_router_logits": True} if router_aux else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
+        logit_sums = (upcast(out.logits[:, :-1]).mean(-1) * target_mask).sum(-1)
+        return ResponseLogps(sequence_logps(out.logits, input_ids, loss_mask), tokens, logit_sums,
+                             out.aux_loss if router_aux else None)
 
+    aux_loss = None
+    if router_aux:
+        hidden, aux_loss = hidden_states_and_router_aux(model, input_ids, attention_mask)
+    else:
+        hidden = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
     rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: hidden states that predict response tokens
-    return head_logps(model.get_output_embeddings(),
-                      hidden_states(model, input_ids=input_ids, attention_mask=attention_mask), rows, cols,
-                      input_ids[rows, cols + 1], rows, input_ids.shape[0], chunk_size, tokens)
+    return head_logps(model.get_output_embeddings(), hidden, rows, cols, input_ids[rows, cols + 1], rows,
+                      input_ids.shape[0], chunk_size, tokens)._replace(aux_loss=aux_loss)
 
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder without its LM head (through a PEFT wrapper too)."""
-    return model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
+    return _unwrapped(model).base_model
 
 
 def hidden_states(model: nn.Module, **inputs: Tensor) -> Tensor:
     """``(rows, T, H)`` last hidden states of the model's backbone (no LM head)."""
     return backbone(model)(**inputs, use_cache=False).last_hidden_state
+
+
+def hidden_states_and_router_aux(model: nn.Module, input_ids: Tensor,
+                                 attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, T, H)`` last hidden states and the router's load-balancing loss ``()``, from one forward of the
+    whole model, which computes that loss from its router logits itself: a hook keeps the backbone's output, and
+    the model builds the logits of the last position only (``logits_to_keep``) where its forward takes that."""
+    kept: list[Tensor] = []
+    hook = backbone(model).register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
+    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(type(_unwrapped(model))) else {}
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_router_logits=True,
+                    **last_only)
+    finally:
+        hook.remove()
+    return kept[-1], out.aux_loss
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor,

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -17,14 +17,28 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from . import lora, reference_cache
 from .compile import compile_decoder_layers
 from .data import PreferenceBatch
-from .logprobs import response_logps
+from .logprobs import ResponseLogps, response_logps
 from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
 from .optim import AdamW, WarmupDecayLR
 from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker, takes_mask_mapping
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "aux_loss")
 STAGES = ("train", "val", "test")
+
+
+def router_aux_coef(model: PreTrainedModel, coef: Optional[float]) -> float:
+    """The weight of the router load-balancing loss, as TRL chooses it: ``coef`` when set, else the model config's
+    ``router_aux_loss_coef`` (0 when it declares none); only mixture-of-experts models return that loss."""
+    config = model.config.get_text_config()
+    is_moe = hasattr(config, "output_router_logits")
+    if coef and not is_moe:
+        raise ValueError(f"model.router_aux_loss_coef is {coef}, but {type(model).__name__} is not a "
+                         "mixture-of-experts model that returns its router logits: there is no load-balancing loss "
+                         "to weight")
+    if not is_moe:
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else float(coef)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -66,6 +80,11 @@ class DPOModule(LightningModule):
             steps are slow while it compiles.
         torch_compile_backend: compiler backend; ``inductor`` when unset.
         torch_compile_mode: e.g. ``max-autotune``; the backend's default when unset.
+        router_aux_loss_coef: weight of a mixture-of-experts model's router load-balancing loss, added to the loss
+            (TRL's option of the same name): the coefficient in the model config when unset (e.g. Mixtral's
+            0.001, Qwen2-MoE's), 0 to leave it out. A mixture-of-experts model with the loss on runs the plain
+            layout, not prefix sharing, so the loss counts each row's tokens as TRL's does. An error for a model
+            without a router.
         use_peft: train LoRA adapters (needs ``peft``: ``pip install 'dpo_lightning[lora]'``) instead of every
             weight. The reference is then the policy with its adapters switched off: no second copy in memory
             (unless ``reference_name_or_path`` names another model). Checkpoints hold the adapters only.
@@ -90,7 +109,8 @@ class DPOModule(LightningModule):
                  precompute_ref_log_probs: bool = True, precompute_batch_size: Optional[int] = None,
                  prefix_sharing: bool = True, torch_compile: bool = False,
                  torch_compile_backend: Optional[str] = None, torch_compile_mode: Optional[str] = None,
-                 use_peft: bool = False, lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                 router_aux_loss_coef: Optional[float] = None, use_peft: bool = False, lora_r: int = 16,
+                 lora_alpha: float = 32.0, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None,
                  lora_export: Literal["merged", "adapter"] = "merged",
                  optimizer: OptimizerCallable = AdamW, scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
@@ -118,6 +138,7 @@ class DPOModule(LightningModule):
         self.policy: Optional[PreTrainedModel] = None
         self.share_prefix = False  # prefix_sharing, once configure_model knows the attention implementation
         self.reference: Optional[PreTrainedModel] = None
+        self.router_aux_coef = 0.0  # router_aux_loss_coef, once configure_model knows the model
         self.strict_loading = False  # checkpoints leave the reference out; it is rebuilt from its path
         names = METRICS + tuple(f"loss/{n}" for n in self.loss_names if len(self.loss_names) > 1)
         self.metrics = nn.ModuleDict({
@@ -153,10 +174,7 @@ class DPOModule(LightningModule):
         self.policy = self._load(self.hparams.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         hp = self.hparams
-        if getattr(self.policy.config, "output_router_logits", False):
-            rank_zero_warn("[dpo_lightning] the model config sets output_router_logits, but the mixture-of-experts "
-                           "router's load-balancing loss is not added to the loss here (TRL adds "
-                           "router_aux_loss_coef x aux_loss): the experts' balance is not trained")
+        self.router_aux_coef = router_aux_coef(self.policy, hp.router_aux_loss_coef)
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.use_peft:
@@ -169,6 +187,9 @@ class DPOModule(LightningModule):
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
         models = [m for m in (self.policy, self.reference) if m is not None]
         blocker = next((b for b in map(sharing_blocker, models) if b), None)
+        if blocker is None and self.router_aux_coef:
+            blocker = ("the router load-balancing loss counts the tokens of each row of the plain layout "
+                       "(model.router_aux_loss_coef: 0 leaves that loss out)")
         self.share_prefix = hp.prefix_sharing and blocker is None
         if hp.prefix_sharing and blocker:
             rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
@@ -220,8 +241,9 @@ class DPOModule(LightningModule):
                 del state[key]
 
     # ---------------------------------------------------------------------------------------- the step
-    def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
-        """Policy and reference log-probs of a batch; also returns the policy's per-response logit sums (2B,)."""
+    def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, ResponseLogps]:
+        """Policy and reference log-probs of a batch; also returns the policy's own reduction (logit sums, and the
+        router load-balancing loss when it is on)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         chunk = self.hparams.logits_chunk_size
         response_logps_fn = shared_prefix_logps if self.share_prefix else response_logps
@@ -240,22 +262,30 @@ class DPOModule(LightningModule):
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
-        policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk)
+        if self.router_aux_coef:
+            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True)
+        else:
+            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
-        return x, policy.logit_sums
+        return x, policy
 
     def _step(self, batch: PreferenceBatch, stage: str, batch_idx: int = 0) -> Tensor:
-        x, logit_sums = self.pair_logps(batch)
+        x, policy = self.pair_logps(batch)
         terms = {name: LOSSES[name](x, self.loss_params).mean() for name in self.loss_names}
         loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
         n_pairs = x.policy_chosen_logps.shape[0]
+        aux_loss = None if policy.aux_loss is None else policy.aux_loss.to(loss)
+        if aux_loss is not None:  # mixture-of-experts router load balancing, as TRL adds it
+            loss = loss + self.router_aux_coef * aux_loss
         values: dict[str, tuple[Tensor, Any]] = {"loss": (loss.detach(), n_pairs)}
+        if aux_loss is not None:
+            values["aux_loss"] = (aux_loss.detach(), n_pairs)
         if len(terms) > 1:
             values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
         values.update({k: (v, 1.0) for k, v in preference_metrics(x, self.hparams.beta).items()})
         tokens = torch.cat([x.chosen_tokens, x.rejected_tokens]).clamp(min=1).float()
-        mean_logits = (logit_sums / tokens).chunk(2)
+        mean_logits = (policy.logit_sums / tokens).chunk(2)
         values["logits/chosen"] = (mean_logits[0], tokens[:n_pairs])
         values["logits/rejected"] = (mean_logits[1], tokens[n_pairs:])
         for name, (value, weight) in values.items():

@@ -122,17 +122,3 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_a_router_aux_loss_the_loss_leaves_out_is_announced(tmp_path):
-    # TRL adds router_aux_loss_coef x aux_loss when the config sets output_router_logits; here it is not added, so
-    # the user is told rather than left to find the experts unbalanced
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
-                           output_router_logits=True)
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-    module = DPOModule(str(tmp_path / "moe"), precompute_ref_log_probs=False)
-    with pytest.warns(UserWarning, match="load-balancing loss is not added"):
-        module.configure_model()
