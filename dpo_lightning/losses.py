@@ -8,6 +8,7 @@ Rafailov et al. 2023, Eq. 5.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
@@ -31,6 +32,9 @@ class LossParams:
     label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO, robust DPO)
     simpo_gamma: float = 0.5  # SimPO target reward margin gamma (absolute, as TRL's CPOConfig.simpo_gamma)
     dpop_lambda: float = 50.0  # DPOP penalty weight
+    discopop_tau: float = 0.05  # DiscoPOP's temperature of the logistic/exponential mix
+    f_divergence: str = "reverse_kl"  # f-DPO regulariser: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence
+    f_alpha: float = 0.5  # alpha of the alpha-divergence
 
 
 def upcast(t: Tensor) -> Tensor:
@@ -57,6 +61,29 @@ def _logratios(x: PairLogps) -> tuple[Tensor, Tensor]:
     return x.policy_chosen_logps - x.reference_chosen_logps, x.policy_rejected_logps - x.reference_rejected_logps
 
 
+def _scores(x: PairLogps, p: LossParams) -> tuple[Tensor, Tensor]:
+    """f'(pi/ref) of each response under the f-divergence regulariser of f-DPO (Wang et al. 2023, "Beyond Reverse
+    KL"): the log-ratio u itself for the reverse KL (DPO); ``1 - e^-u`` forward KL; ``log 2 + log s(u)``
+    Jensen-Shannon; ``(e^((a-1)u) - 1) / (a-1)`` alpha-divergence. Each (B,)."""
+    chosen, rejected = _logratios(x)
+    kind, a = p.f_divergence, p.f_alpha
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(a - 1.0) < 1e-6):  # the alpha -> 1 limit
+        return chosen, rejected
+    if kind == "forward_kl":
+        return 1 - torch.exp(-chosen), 1 - torch.exp(-rejected)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(chosen), math.log(2) + F.logsigmoid(rejected)
+    if kind == "alpha_divergence":  # exponent capped at 80 so that exp stays finite in fp32 (as TRL)
+        return tuple(torch.expm1(torch.clamp((a - 1) * u, max=80.0)) / (a - 1) for u in (chosen, rejected))
+    raise ValueError(f"unknown f-divergence {kind!r}; choose from {list(F_DIVERGENCES)}")
+
+
+def _delta(x: PairLogps, p: LossParams) -> Tensor:
+    """(B,) chosen score minus rejected score: DPO's log-ratio margin under the reverse KL."""
+    chosen, rejected = _scores(x, p)
+    return chosen - rejected
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
              reference_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
     """Sigmoid DPO loss per pair; all inputs (B,), returns (B,). ``label_smoothing`` > 0 gives cDPO."""
@@ -65,36 +92,84 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
             - F.logsigmoid(-beta * logits) * label_smoothing)  # cDPO (Mitchell 2023): flipped-label share
 
 
+def _smoothed_sigmoid(z: Tensor, label_smoothing: float) -> Tensor:
+    """-(1-e) log s(z) - e log s(-z), per pair."""
+    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+
+
 def sigmoid(x: PairLogps, p: LossParams) -> Tensor:
-    return dpo_loss(*x[:4], beta=p.beta, label_smoothing=p.label_smoothing)
+    """DPO (Eq. 7), cDPO with ``label_smoothing``; f-DPO with another f-divergence."""
+    return _smoothed_sigmoid(p.beta * _delta(x, p), p.label_smoothing)
 
 
 def ipo(x: PairLogps, p: LossParams) -> Tensor:
     """IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL and the IPO authors use it."""
-    chosen, rejected = _logratios(x)
+    chosen, rejected = _scores(x, p)
     h = chosen / x.chosen_tokens.clamp(min=1) - rejected / x.rejected_tokens.clamp(min=1)
     return (h - 1 / (2 * p.beta)) ** 2
 
 
 def hinge(x: PairLogps, p: LossParams) -> Tensor:
     """SLiC-HF hinge (Zhao et al. 2023, Eq. 3 with the reference log-ratio): max(0, 1 - beta * margin)."""
-    chosen, rejected = _logratios(x)
-    return torch.relu(1 - p.beta * (chosen - rejected))
+    return torch.relu(1 - p.beta * _delta(x, p))
 
 
 def robust(x: PairLogps, p: LossParams) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024, Eq. 8): unbiased under a ``label_smoothing`` share of flipped labels."""
-    chosen, rejected = _logratios(x)
-    z = p.beta * (chosen - rejected)
+    z = p.beta * _delta(x, p)
     eps = p.label_smoothing
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
 def sigmoid_norm(x: PairLogps, p: LossParams) -> Tensor:
     """Length-normalised DPO: sigmoid loss on per-token log-ratios (TRL's ``sigmoid_norm``)."""
-    chosen, rejected = _logratios(x)
+    chosen, rejected = _scores(x, p)
     delta = chosen / x.chosen_tokens.clamp(min=1) - rejected / x.rejected_tokens.clamp(min=1)
     return -F.logsigmoid(p.beta * delta)
+
+
+def exo_pair(x: PairLogps, p: LossParams) -> Tensor:
+    """EXO-pref (Ji et al. 2024, Eq. 16): KL from the policy's preference ``softmax(beta * scores)`` over the pair
+    to the smoothed label ``[1 - e, e]``, e = ``label_smoothing`` (> 0; the paper uses 1e-3)."""
+    z, eps = p.beta * _delta(x, p), p.label_smoothing
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+def nca_pair(x: PairLogps, p: LossParams) -> Tensor:
+    """NCA (Chen et al. 2024, noise contrastive alignment, two responses): -log s(r_c) - (log s(-r_c) + log s(-r_r)) / 2, r = beta * u."""
+    chosen, rejected = _logratios(x)
+    return (-F.logsigmoid(p.beta * chosen) - 0.5 * F.logsigmoid(-p.beta * chosen)
+            - 0.5 * F.logsigmoid(-p.beta * rejected))
+
+
+def sppo_hard(x: PairLogps, p: LossParams) -> Tensor:
+    """SPPO (Wu et al. 2024, Eq. 4.7) with hard win probabilities 1 and 0: log-ratios pulled to +-1/(2 beta)."""
+    chosen, rejected = _logratios(x)
+    return (chosen - 0.5 / p.beta) ** 2 + (rejected + 0.5 / p.beta) ** 2
+
+
+def aot(x: PairLogps, p: LossParams) -> Tensor:
+    """AOT (Melnyk et al. 2024), paired: the batch's sorted policy log-ratio margins against the sorted reference
+    margins, through the (label-smoothed) sigmoid loss. Depends on the whole batch (B,) -> (B,)."""
+    policy = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps, dim=0).values
+    reference = torch.sort(x.reference_chosen_logps - x.reference_rejected_logps, dim=0).values
+    return _smoothed_sigmoid(p.beta * (policy - reference), p.label_smoothing)
+
+
+def aot_unpaired(x: PairLogps, p: LossParams) -> Tensor:
+    """AOT, unpaired: the batch's sorted chosen log-ratios against its sorted rejected ones (B,) -> (B,)."""
+    chosen, rejected = _logratios(x)
+    delta = torch.sort(chosen, dim=0).values - torch.sort(rejected, dim=0).values
+    return _smoothed_sigmoid(p.beta * delta, p.label_smoothing)
+
+
+def discopop(x: PairLogps, p: LossParams) -> Tensor:
+    """DiscoPOP (Lu et al. 2024, Eq. 5): logistic and exponential losses mixed by s(z / tau), z = beta *
+    margin, tau = ``discopop_tau``."""
+    z = p.beta * _delta(x, p)
+    mix = torch.sigmoid(z / p.discopop_tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
 
 
 def simpo(x: PairLogps, p: LossParams) -> Tensor:
@@ -142,12 +217,18 @@ def bco_pair(x: PairLogps, p: LossParams) -> Tensor:
 
 
 LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "sft", "dpop", "apo_zero",
-                   "apo_down", "bco_pair"]
+                   "apo_down", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "discopop"]
 LOSSES: dict[str, Callable[[PairLogps, LossParams], Tensor]] = {
     "sigmoid": sigmoid, "ipo": ipo, "hinge": hinge, "robust": robust, "sigmoid_norm": sigmoid_norm,
     "simpo": simpo, "sft": sft, "dpop": dpop, "apo_zero": apo_zero, "apo_down": apo_down, "bco_pair": bco_pair,
+    "exo_pair": exo_pair, "nca_pair": nca_pair, "sppo_hard": sppo_hard, "aot": aot, "aot_unpaired": aot_unpaired,
+    "discopop": discopop,
 }
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "sft"})  # losses that never read the reference log-probs
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# losses built on the chosen-minus-rejected score, where f-DPO's log Z(x) term cancels (and sft, which ignores it)
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 
 
 def preference_metrics(x: PairLogps, beta: float) -> dict[str, Tensor]:

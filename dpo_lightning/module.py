@@ -18,7 +18,8 @@ from . import lora, reference_cache
 from .compile import compile_decoder_layers
 from .data import PreferenceBatch
 from .logprobs import ResponseLogps, response_logps
-from .losses import LOSSES, REFERENCE_FREE_LOSSES, LossName, LossParams, PairLogps, preference_metrics
+from .losses import (F_DIVERGENCE_LOSSES, LOSSES, REFERENCE_FREE_LOSSES, FDivergence, LossName, LossParams,
+                     PairLogps, preference_metrics)
 from .optim import AdamW, WarmupDecayLR
 from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker, takes_mask_mapping
 
@@ -56,9 +57,15 @@ class DPOModule(LightningModule):
         beta: strength of the KL penalty towards the reference (DPO's beta; IPO's tau).
         loss_type: one loss name or a list of them (see ``losses.LOSSES``), e.g. ``[sigmoid, sft]`` for RPO.
         loss_weights: weight of each loss in ``loss_type``; all 1 when unset.
-        label_smoothing: assumed share of flipped preference labels (cDPO for ``sigmoid``, and ``robust``).
+        label_smoothing: assumed share of flipped preference labels (cDPO for ``sigmoid``, ``robust``, ``aot``,
+            ``aot_unpaired``); EXO's epsilon for ``exo_pair`` (must be > 0 there; the paper uses 1e-3).
         simpo_gamma: SimPO's target reward margin gamma (TRL's ``simpo_gamma``).
         dpop_lambda: DPOP's weight on the chosen log-prob falling below the reference.
+        discopop_tau: DiscoPOP's temperature (TRL's ``discopop_tau``).
+        f_divergence_type: f-DPO's regulariser towards the reference: ``reverse_kl`` (DPO), ``forward_kl``,
+            ``js_divergence``, ``alpha_divergence``; the others only with losses of the chosen-minus-rejected score
+            (``losses.F_DIVERGENCE_LOSSES``). Rewards stay ``beta`` x log-ratio, as in TRL.
+        f_alpha_divergence_coef: alpha of ``alpha_divergence``.
         reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
         dtype: dtype the weights are loaded in; use ``float32`` with ``bf16-mixed`` precision.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; the model's default when unset.
@@ -102,7 +109,9 @@ class DPOModule(LightningModule):
     def __init__(self, model_name_or_path: str, reference_name_or_path: Optional[str] = None, beta: float = 0.1,
                  loss_type: Union[LossName, list[LossName]] = "sigmoid",
                  loss_weights: Optional[list[float]] = None, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, reference_free: bool = False,
+                 simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, discopop_tau: float = 0.05,
+                 f_divergence_type: FDivergence = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 reference_free: bool = False,
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
@@ -127,6 +136,15 @@ class DPOModule(LightningModule):
             raise ValueError(f"model.beta must be positive, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if "exo_pair" in self.loss_names and label_smoothing <= 0:
+            raise ValueError("model.loss_type exo_pair needs model.label_smoothing > 0 (EXO's epsilon, the weight of "
+                             "the dispreferred label; the paper uses 1e-3): at 0 the loss is infinite")
+        unfit = sorted(set(self.loss_names) - F_DIVERGENCE_LOSSES)
+        if f_divergence_type != "reverse_kl" and unfit:
+            raise ValueError(f"model.f_divergence_type {f_divergence_type!r} works only with the losses "
+                             f"{sorted(F_DIVERGENCE_LOSSES)}; {unfit} have no f-divergence form")
+        if discopop_tau <= 0:
+            raise ValueError(f"model.discopop_tau must be positive, got {discopop_tau}")
         if use_peft:
             lora.require_peft()
             if lora_r <= 0:
@@ -134,7 +152,8 @@ class DPOModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_params = LossParams(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
-                                      dpop_lambda=dpop_lambda)
+                                      dpop_lambda=dpop_lambda, discopop_tau=discopop_tau,
+                                      f_divergence=f_divergence_type, f_alpha=f_alpha_divergence_coef)
         self.policy: Optional[PreTrainedModel] = None
         self.share_prefix = False  # prefix_sharing, once configure_model knows the attention implementation
         self.reference: Optional[PreTrainedModel] = None

@@ -98,6 +98,19 @@ HAND = {
     "apo_down": 1 / (1 + math.exp(-0.5)) + 1 - 1 / (1 + math.exp(-1.0)),
     # -log s(0.5) - log s(0.5)
     "bco_pair": -2 * log_sigmoid(0.5),
+    # z = 0.5 * 2 = 1, eps 0.1: KL([s(1), s(-1)] || [0.9, 0.1])
+    "exo_pair": (1 / (1 + math.exp(-1))) * (log_sigmoid(1) - math.log(0.9))
+    + (1 / (1 + math.exp(1))) * (log_sigmoid(-1) - math.log(0.1)),
+    # rewards 0.5 and -0.5: -log s(0.5) - 0.5 log s(-0.5) - 0.5 log s(0.5)
+    "nca_pair": -1.5 * log_sigmoid(0.5) - 0.5 * log_sigmoid(-0.5),
+    # ratios +1 and -1 sit exactly on +-1/(2 * 0.5)
+    "sppo_hard": 0.0,
+    # one pair: sorted margins are the margins, 2 - 0: the smoothed sigmoid of 0.5 * 2
+    "aot": 0.9 * -log_sigmoid(1) + 0.1 * -log_sigmoid(-1),
+    # one pair: sorted chosen ratio 1 minus sorted rejected ratio -1
+    "aot_unpaired": 0.9 * -log_sigmoid(1) + 0.1 * -log_sigmoid(-1),
+    # z = 1, tau 0.05: mix s(20) of the exponential e^-1 and the logistic -log s(1)
+    "discopop": -log_sigmoid(1) * (1 - 1 / (1 + math.exp(-20))) + math.exp(-1) / (1 + math.exp(-20)),
 }
 
 
@@ -131,9 +144,39 @@ def test_losses_have_gradients_where_expected():
                   torch.tensor([4.0]), torch.tensor([2.0]))
     for name, fn in LOSSES.items():
         pc.grad = None
-        fn(x, LossParams()).sum().backward()
+        fn(x, LossParams(label_smoothing=0.1)).sum().backward()
         if name != "hinge":  # hinge is flat past its margin
             assert pc.grad is not None and pc.grad.item() != 0, name
+
+
+def test_sppo_hard_off_target_by_hand():
+    """chosen ratio 0, rejected -1, beta 0.5: (0 - 1)^2 + (-1 + 1)^2 = 1."""
+    assert LOSSES["sppo_hard"](pair(-10, -11, -10, -10), P).item() == pytest.approx(1.0)
+
+
+def test_aot_sorts_across_the_batch_by_hand():
+    """Policy margins [3, -1], reference margins [0, 2]: sorted [-1, 3] against [0, 2] -> deltas [-1, 1], whatever
+    pair they came from; unpaired: chosen ratios [1, -2] and rejected [0, 1] sort to [-2, 1] and [0, 1]."""
+    x = PairLogps(torch.tensor([0.0, -3.0]), torch.tensor([-3.0, -2.0]), torch.tensor([0.0, -2.0]),
+                  torch.tensor([0.0, -4.0]), torch.ones(2), torch.ones(2))
+    p = LossParams(beta=1.0)
+    assert LOSSES["aot"](x, p).tolist() == pytest.approx([-log_sigmoid(-1), -log_sigmoid(1)])
+    unpaired = PairLogps(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0]), torch.zeros(2), torch.zeros(2),
+                         torch.ones(2), torch.ones(2))
+    assert LOSSES["aot_unpaired"](unpaired, p).tolist() == pytest.approx([-log_sigmoid(-2), -log_sigmoid(0)])
+
+
+@pytest.mark.parametrize("kind, alpha, delta", [
+    ("forward_kl", 0.5, 2 * math.sinh(1)),  # (1 - e^-1) - (1 - e)
+    ("js_divergence", 0.5, 1.0),  # log s(1) - log s(-1) = 1
+    ("alpha_divergence", 0.5, 4 * math.sinh(0.5)),  # ((e^-0.5 - 1) - (e^0.5 - 1)) / -0.5
+    ("alpha_divergence", 1.0, 2.0),  # the alpha -> 1 limit is the reverse KL: the plain margin
+])
+def test_f_divergence_scores_by_hand(kind, alpha, delta):
+    """X's log-ratios are +1 and -1; each f-divergence turns them into scores whose difference is ``delta``."""
+    p = LossParams(beta=0.5, f_divergence=kind, f_alpha=alpha)
+    assert LOSSES["sigmoid"](X, p).item() == pytest.approx(-log_sigmoid(0.5 * delta), abs=1e-9)
+    assert LOSSES["hinge"](X, p).item() == pytest.approx(max(0.0, 1 - 0.5 * delta), abs=1e-9)
 
 
 def test_sigmoid_matches_torch_formula_on_random_inputs():

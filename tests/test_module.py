@@ -102,6 +102,12 @@ def test_bad_model_settings_fail_before_loading():
         DPOModule("does-not-exist", beta=0)
     with pytest.raises(ValueError, match="unknown loss"):
         DPOModule("does-not-exist", loss_type="nope")
+    with pytest.raises(ValueError, match="exo_pair needs model.label_smoothing > 0"):
+        DPOModule("does-not-exist", loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"'js_divergence' works only with .*\['apo_zero'\] have no f-divergence"):
+        DPOModule("does-not-exist", loss_type=["sigmoid", "apo_zero"], f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="discopop_tau must be positive"):
+        DPOModule("does-not-exist", loss_type="discopop", discopop_tau=0.0)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, pairs_jsonl):

@@ -18,7 +18,7 @@ METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 
 
 def trl_eval_metrics(policy_dir, reference_dir, rows, tmp_path, loss_type, beta, label_smoothing=0.0,
-                     loss_weights=None):
+                     loss_weights=None, **extra):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,7 +26,7 @@ def trl_eval_metrics(policy_dir, reference_dir, rows, tmp_path, loss_type, beta,
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=len(rows), beta=beta,
                          loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
                          loss_weights=loss_weights, label_smoothing=label_smoothing, report_to="none", use_cpu=True,
-                         max_length=None, dataloader_num_workers=0, bf16=False)
+                         max_length=None, dataloader_num_workers=0, bf16=False, **extra)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir),
                              ref_model=AutoModelForCausalLM.from_pretrained(reference_dir), args=args,
                              processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
@@ -36,29 +36,37 @@ def trl_eval_metrics(policy_dir, reference_dir, rows, tmp_path, loss_type, beta,
 
 
 def ours(policy_dir, reference_dir, path, n_rows, tmp_path, loss_type, beta, label_smoothing=0.0,
-         loss_weights=None):
+         loss_weights=None, **extra):
     dm = PreferenceDataModule(train_path=path, val_path=path, tokenizer_name_or_path=policy_dir,
                               batch_size=n_rows, max_length=None, max_prompt_length=None, cache_dir=None)
     model = DPOModule(policy_dir, reference_name_or_path=reference_dir, beta=beta, loss_type=loss_type,
-                      label_smoothing=label_smoothing, loss_weights=loss_weights)
+                      label_smoothing=label_smoothing, loss_weights=loss_weights, **extra)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)
     out = trainer.validate(model, datamodule=dm, verbose=False)[0]
     return {m: out[f"val/{m}"] for m in METRICS}
 
 
-@pytest.mark.parametrize("loss_type, beta, label_smoothing, loss_weights", [
-    ("sigmoid", 0.1, 0.0, None), ("sigmoid", 0.5, 0.0, None), ("ipo", 0.1, 0.0, None), ("hinge", 0.2, 0.0, None),
-    ("robust", 0.1, 0.2, None), ("sigmoid_norm", 0.1, 0.0, None), ("apo_zero", 0.1, 0.0, None),
-    ("apo_down", 0.1, 0.0, None), ("bco_pair", 0.1, 0.0, None), (["sigmoid", "sft"], 0.1, 0.0, [1.0, 0.5]),
+@pytest.mark.parametrize("loss_type, beta, label_smoothing, loss_weights, extra", [
+    ("sigmoid", 0.1, 0.0, None, {}), ("sigmoid", 0.5, 0.0, None, {}), ("ipo", 0.1, 0.0, None, {}),
+    ("hinge", 0.2, 0.0, None, {}), ("robust", 0.1, 0.2, None, {}), ("sigmoid_norm", 0.1, 0.0, None, {}),
+    ("apo_zero", 0.1, 0.0, None, {}), ("apo_down", 0.1, 0.0, None, {}), ("bco_pair", 0.1, 0.0, None, {}),
+    (["sigmoid", "sft"], 0.1, 0.0, [1.0, 0.5], {}), ("exo_pair", 0.1, 1e-3, None, {}), ("nca_pair", 0.2, 0.0, None, {}),
+    ("sppo_hard", 0.1, 0.0, None, {}), ("aot", 0.1, 0.1, None, {}), ("aot_unpaired", 0.1, 0.1, None, {}),
+    ("discopop", 0.1, 0.0, None, {"discopop_tau": 0.2}),
+    ("sigmoid", 0.1, 0.0, None, {"f_divergence_type": "forward_kl"}),
+    ("sigmoid", 0.1, 0.0, None, {"f_divergence_type": "js_divergence"}),
+    ("hinge", 0.1, 0.0, None, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7}),
+    ("ipo", 0.1, 0.0, None, {"f_divergence_type": "js_divergence"}),
+    (["exo_pair", "sft"], 0.1, 1e-2, [1.0, 0.3], {"f_divergence_type": "alpha_divergence"}),
 ])
 def test_metrics_match_trl(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path, loss_type, beta,
-                           label_smoothing, loss_weights):
+                           label_smoothing, loss_weights, extra):
     rows = conversational_rows()
     expected = trl_eval_metrics(tiny_model_dir, tiny_reference_dir, rows, tmp_path, loss_type, beta, label_smoothing,
-                                loss_weights)
+                                loss_weights, **extra)
     got = ours(tiny_model_dir, tiny_reference_dir, pairs_jsonl, len(rows), tmp_path, loss_type, beta,
-               label_smoothing, loss_weights)
+               label_smoothing, loss_weights, **extra)
     assert abs(expected["rewards/margins"]) > 1e-2  # the reference really differs from the policy
     for m in METRICS:
-        assert got[m] == pytest.approx(expected[m], abs=1e-5), (m, got[m], expected[m])
+        assert got[m] == pytest.approx(expected[m], abs=1e-5, rel=1e-6), (m, got[m], expected[m])
