@@ -16,7 +16,14 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from .losses import sequence_logps, upcast
+from .losses import upcast
+
+
+class TokenStats(NamedTuple):
+    """Per-response sums over response tokens of what TRL logs or weights by; no gradient. Each (2B,)."""
+    entropy: Tensor  # entropy of the next-token distribution (TRL's ``entropy``)
+    top1: Tensor  # tokens that are the distribution's first argmax (TRL's ``mean_token_accuracy``)
+    wpo_logps: Tensor  # log p(token) - log sum_v p_v^2 (WPO's aligned log-probs, Zhou et al. 2024, Eq. 2)
 
 
 class ResponseLogps(NamedTuple):
@@ -24,6 +31,7 @@ class ResponseLogps(NamedTuple):
     tokens: Tensor  # (2B,) response lengths
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
     aux_loss: Optional[Tensor] = None  # () mixture-of-experts router load-balancing loss, when asked for
+    stats: Optional[TokenStats] = None  # when asked for (``token_stats``)
 
 
 # config attributes of Hugging Face models whose logits are not lm_head(hidden): soft-capping (Gemma 2/3), scales
@@ -61,7 +69,7 @@ def _head_gives_the_logits(model: nn.Module) -> bool:
 
 
 def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                   chunk_size: int = 1024, router_aux: bool = False) -> ResponseLogps:
+                   chunk_size: int = 1024, router_aux: bool = False, token_stats: bool = False) -> ResponseLogps:
     """Forward ``model`` once on the whole ``(2B, T)`` batch and reduce to per-response sums.
 
     Args:
@@ -72,24 +80,23 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         chunk_size: response positions per LM-head chunk.
         router_aux: also return the mixture-of-experts router's load-balancing loss over the batch's tokens, as
             the model's own forward computes it (``output_router_logits``).
+        token_stats: also return :class:`TokenStats`.
     """
     target_mask = loss_mask[:, 1:].bool()  # (2B, T-1): position t predicts token t + 1
-    tokens = target_mask.sum(-1)
-    if not plain_head(model):
+    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: positions that predict response tokens
+    args = (rows, cols, input_ids[rows, cols + 1], rows, input_ids.shape[0], chunk_size, target_mask.sum(-1))
+    if not plain_head(model):  # the model's own logits, gathered at the scored positions
         router = {"output_router_logits": True} if router_aux else {}
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
-        logit_sums = (upcast(out.logits[:, :-1]).mean(-1) * target_mask).sum(-1)
-        return ResponseLogps(sequence_logps(out.logits, input_ids, loss_mask), tokens, logit_sums,
-                             out.aux_loss if router_aux else None)
-
+        return head_logps(nn.Identity(), out.logits, *args, token_stats=token_stats)._replace(
+            aux_loss=out.aux_loss if router_aux else None)
     aux_loss = None
     if router_aux:
         hidden, aux_loss = hidden_states_and_router_aux(model, input_ids, attention_mask)
     else:
         hidden = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
-    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: hidden states that predict response tokens
-    return head_logps(model.get_output_embeddings(), hidden, rows, cols, input_ids[rows, cols + 1], rows,
-                      input_ids.shape[0], chunk_size, tokens)._replace(aux_loss=aux_loss)
+    return head_logps(model.get_output_embeddings(), hidden, *args, token_stats=token_stats)._replace(
+        aux_loss=aux_loss)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -128,7 +135,8 @@ def _takes_logits_to_keep(cls: type) -> bool:
 
 
 def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor,
-               out_index: Tensor, n_out: int, chunk_size: int, tokens: Tensor) -> ResponseLogps:
+               out_index: Tensor, n_out: int, chunk_size: int, tokens: Tensor,
+               token_stats: bool = False) -> ResponseLogps:
     """Run the LM head on the hidden states at ``(rows, cols)`` only, in chunks, and sum the log-probs of
     ``targets`` into response ``out_index``.
 
@@ -140,17 +148,27 @@ def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, c
         targets: (N,) the token each of those positions predicts.
         out_index: (N,) which of the ``n_out`` responses each position belongs to.
         tokens: (n_out,) response lengths, passed through.
+        token_stats: also sum :class:`TokenStats` per response.
     """
     h = hidden[rows, cols]  # (N, H)
-    token_logps, token_logit_means = [], []
+    token_logps, logit_means, entropies, top1s, wpo_logps = [], [], [], [], []
     for start in range(0, h.shape[0], chunk_size):
         logits = upcast(head(h[start:start + chunk_size]))  # (n, V)
-        token_logps.append(logits.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
-                           - torch.logsumexp(logits, dim=-1))
-        token_logit_means.append(logits.detach().mean(-1))
+        target = targets[start:start + chunk_size]  # (n,)
+        logps = logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
+        token_logps.append(logps)
+        with torch.no_grad():
+            logits = logits.detach()
+            logit_means.append(logits.mean(-1))
+            if token_stats:
+                log_probs = torch.log_softmax(logits, dim=-1)  # (n, V)
+                entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+                top1s.append((logits.argmax(-1) == target).to(logits.dtype))
+                wpo_logps.append(logps.detach() - torch.logsumexp(2 * log_probs, dim=-1))
     zeros = torch.zeros(n_out, device=hidden.device, dtype=upcast(h).dtype)
-    if not token_logps:
-        return ResponseLogps(zeros, tokens, zeros)
-    logps = zeros.index_add(0, out_index, torch.cat(token_logps))
-    logit_sums = zeros.index_add(0, out_index, torch.cat(token_logit_means))
-    return ResponseLogps(logps, tokens, logit_sums)
+
+    def total(values: list[Tensor]) -> Tensor:  # (N,) per token -> (n_out,) per response
+        return zeros.index_add(0, out_index, torch.cat(values)) if values else zeros
+
+    stats = TokenStats(total(entropies), total(top1s), total(wpo_logps)) if token_stats else None
+    return ResponseLogps(total(token_logps), tokens, total(logit_means), stats=stats)

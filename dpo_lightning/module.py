@@ -24,7 +24,8 @@ from .optim import AdamW, WarmupDecayLR
 from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker, takes_mask_mapping
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "aux_loss")
+           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
+           "aux_loss")
 STAGES = ("train", "val", "test")
 
 
@@ -66,6 +67,8 @@ class DPOModule(LightningModule):
             ``js_divergence``, ``alpha_divergence``; the others only with losses of the chosen-minus-rejected score
             (``losses.F_DIVERGENCE_LOSSES``). Rewards stay ``beta`` x log-ratio, as in TRL.
         f_alpha_divergence_coef: alpha of ``alpha_divergence``.
+        use_weighting: weight each pair's loss by the policy's length-normalised probabilities of its two responses
+            (WPO, Zhou et al. 2024, Eq. 2; TRL's option of the same name), not with ``aot``/``aot_unpaired``.
         reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
         dtype: dtype the weights are loaded in; use ``float32`` with ``bf16-mixed`` precision.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; the model's default when unset.
@@ -111,7 +114,7 @@ class DPOModule(LightningModule):
                  loss_weights: Optional[list[float]] = None, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, discopop_tau: float = 0.05,
                  f_divergence_type: FDivergence = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 reference_free: bool = False,
+                 use_weighting: bool = False, reference_free: bool = False,
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
@@ -143,6 +146,9 @@ class DPOModule(LightningModule):
         if f_divergence_type != "reverse_kl" and unfit:
             raise ValueError(f"model.f_divergence_type {f_divergence_type!r} works only with the losses "
                              f"{sorted(F_DIVERGENCE_LOSSES)}; {unfit} have no f-divergence form")
+        if use_weighting and {"aot", "aot_unpaired"} & set(self.loss_names):
+            raise ValueError("model.use_weighting (WPO) weights pairs, but aot and aot_unpaired compare sorted batch "
+                             "statistics, which belong to no pair")
         if discopop_tau <= 0:
             raise ValueError(f"model.discopop_tau must be positive, got {discopop_tau}")
         if use_peft:
@@ -282,16 +288,21 @@ class DPOModule(LightningModule):
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
         if self.router_aux_coef:
-            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True)
+            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True, token_stats=True)
         else:
-            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk)
+            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk, token_stats=True)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
         return x, policy
 
     def _step(self, batch: PreferenceBatch, stage: str, batch_idx: int = 0) -> Tensor:
         x, policy = self.pair_logps(batch)
-        terms = {name: LOSSES[name](x, self.loss_params).mean() for name in self.loss_names}
+        tokens = torch.cat([x.chosen_tokens, x.rejected_tokens]).clamp(min=1).float()  # (2B,)
+        weights = 1.0
+        if self.hparams.use_weighting:  # WPO: exp of each response's mean aligned log-prob, chosen x rejected
+            chosen_w, rejected_w = torch.exp(policy.stats.wpo_logps / tokens).chunk(2)
+            weights = chosen_w * rejected_w
+        terms = {name: (LOSSES[name](x, self.loss_params) * weights).mean() for name in self.loss_names}
         loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
         n_pairs = x.policy_chosen_logps.shape[0]
         aux_loss = None if policy.aux_loss is None else policy.aux_loss.to(loss)
@@ -303,10 +314,15 @@ class DPOModule(LightningModule):
         if len(terms) > 1:
             values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
         values.update({k: (v, 1.0) for k, v in preference_metrics(x, self.hparams.beta).items()})
-        tokens = torch.cat([x.chosen_tokens, x.rejected_tokens]).clamp(min=1).float()
         mean_logits = (policy.logit_sums / tokens).chunk(2)
         values["logits/chosen"] = (mean_logits[0], tokens[:n_pairs])
         values["logits/rejected"] = (mean_logits[1], tokens[n_pairs:])
+        # token means over the batch: entropy over chosen and rejected tokens, top-1 accuracy over chosen ones
+        all_tokens = (x.chosen_tokens.sum() + x.rejected_tokens.sum()).float()
+        chosen_tokens = x.chosen_tokens.sum().float()
+        values["entropy"] = (policy.stats.entropy.sum() / all_tokens.clamp(min=1), all_tokens)
+        values["mean_token_accuracy"] = (policy.stats.top1[:n_pairs].sum() / chosen_tokens.clamp(min=1),
+                                         chosen_tokens)
         for name, (value, weight) in values.items():
             metric = self.metrics[f"{stage}_metrics"][name.replace("/", "__")]
             if stage == "train":

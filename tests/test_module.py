@@ -39,7 +39,8 @@ def test_completion_only_logps_equal_full_logits_with_gradients(tiny_model_dir, 
     module = DPOModule(tiny_model_dir)
     module.configure_model()
     policy = module.policy.double()
-    fast = response_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size=7)
+    fast = response_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size=7,
+                          token_stats=True)
     fast.logps.sum().backward()
     fast_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -53,6 +54,16 @@ def test_completion_only_logps_equal_full_logits_with_gradients(tiny_model_dir, 
     expected_logit_sums = (logits[:, :-1].mean(-1) * mask).sum(-1)
     assert torch.allclose(fast.logit_sums.double(), expected_logit_sums, atol=1e-9)
     assert fast.tokens.tolist() == mask.sum(-1).tolist()
+    # token statistics from the full logits, by their definitions
+    probs = torch.softmax(logits[:, :-1].detach(), -1)  # (2B, T-1, V)
+    entropy = -(probs * probs.log()).sum(-1)
+    targets = batch["input_ids"][:, 1:]
+    top1 = probs.argmax(-1) == targets
+    p_target = probs.gather(-1, targets[..., None]).squeeze(-1)
+    wpo = torch.log(p_target / (probs ** 2).sum(-1))  # log p(y_t) - log sum_v p_v^2
+    assert torch.allclose(fast.stats.entropy.double(), (entropy * mask).sum(-1), atol=1e-9)
+    assert fast.stats.top1.tolist() == (top1 & mask).sum(-1).tolist()
+    assert torch.allclose(fast.stats.wpo_logps.double(), (wpo * mask).sum(-1), atol=1e-9)
 
 
 def test_reference_is_frozen_and_left_out(tiny_model_dir, pairs_jsonl, tmp_path):

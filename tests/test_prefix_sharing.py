@@ -51,12 +51,14 @@ def test_shared_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_j
     results = []
     for fn in (response_logps, shared_prefix_logps):
         model.zero_grad()
-        out = fn(model, *inputs, chunk_size=7)
+        out = fn(model, *inputs, chunk_size=7, token_stats=True)
         (out.logps * torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype)).sum().backward()
         results.append((out, [p.grad.clone() for p in model.parameters()]))
     (plain, plain_grads), (shared, shared_grads) = results
     assert torch.allclose(shared.logps, plain.logps, atol=1e-6)  # fp32 inside (rotary, eager softmax)
     assert torch.allclose(shared.logit_sums, plain.logit_sums, atol=1e-6)
+    for a, b in zip(shared.stats, plain.stats):  # entropy, top-1 counts, WPO's aligned log-probs
+        assert torch.allclose(a, b, atol=1e-6)
     assert shared.tokens.tolist() == plain.tokens.tolist()
     for a, b in zip(plain_grads, shared_grads):  # the models keep rotary and eager softmax in fp32, even in fp64
         assert torch.allclose(a, b, atol=1e-6 * a.abs().max().item())

@@ -14,7 +14,7 @@ from dpo_lightning.module import DPOModule
 trl = pytest.importorskip("trl")
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected"]
+           "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
 
 
 def trl_eval_metrics(policy_dir, reference_dir, rows, tmp_path, loss_type, beta, label_smoothing=0.0,
@@ -59,6 +59,9 @@ def ours(policy_dir, reference_dir, path, n_rows, tmp_path, loss_type, beta, lab
     ("hinge", 0.1, 0.0, None, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7}),
     ("ipo", 0.1, 0.0, None, {"f_divergence_type": "js_divergence"}),
     (["exo_pair", "sft"], 0.1, 1e-2, [1.0, 0.3], {"f_divergence_type": "alpha_divergence"}),
+    # use_weighting with sft is left out: TRL 1.16 multiplies sft's expanded batch value in place (RuntimeError)
+    ("sigmoid", 0.1, 0.0, None, {"use_weighting": True}),
+    (["ipo", "exo_pair"], 0.1, 1e-3, [0.5, 1.0], {"use_weighting": True}),
 ])
 def test_metrics_match_trl(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path, loss_type, beta,
                            label_smoothing, loss_weights, extra):
@@ -68,5 +71,32 @@ def test_metrics_match_trl(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_
     got = ours(tiny_model_dir, tiny_reference_dir, pairs_jsonl, len(rows), tmp_path, loss_type, beta,
                label_smoothing, loss_weights, **extra)
     assert abs(expected["rewards/margins"]) > 1e-2  # the reference really differs from the policy
+    for m in METRICS:
+        assert got[m] == pytest.approx(expected[m], abs=1e-5, rel=1e-6), (m, got[m], expected[m])
+
+
+def test_token_accuracy_and_entropy_match_trl_on_a_policy_that_predicts_tokens(tiny_model_dir, tiny_reference_dir,
+                                                                                pairs_jsonl, tmp_path):
+    # the random tiny policy predicts no token (accuracy 0): fit it to the chosen conversations first
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    texts = [tok.apply_chat_template(row["chosen"], tokenize=False) for row in conversational_rows()]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.save_pretrained(tmp_path / "fitted")
+    tok.save_pretrained(tmp_path / "fitted")
+    rows = conversational_rows()
+    expected = trl_eval_metrics(str(tmp_path / "fitted"), tiny_reference_dir, rows, tmp_path, "sigmoid", 0.1)
+    got = ours(str(tmp_path / "fitted"), tiny_reference_dir, pairs_jsonl, len(rows), tmp_path, "sigmoid", 0.1)
+    assert 0.2 < expected["mean_token_accuracy"] < 1.0
     for m in METRICS:
         assert got[m] == pytest.approx(expected[m], abs=1e-5, rel=1e-6), (m, got[m], expected[m])
