@@ -155,16 +155,17 @@ def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, c
     for start in range(0, h.shape[0], chunk_size):
         logits = upcast(head(h[start:start + chunk_size]))  # (n, V)
         target = targets[start:start + chunk_size]  # (n,)
-        logps = logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
+        log_z = torch.logsumexp(logits, dim=-1)  # (n,)
+        logps = logits.gather(-1, target[:, None]).squeeze(-1) - log_z  # (n,)
         token_logps.append(logps)
         with torch.no_grad():
-            logits = logits.detach()
+            logits, log_z = logits.detach(), log_z.detach()
             logit_means.append(logits.mean(-1))
-            if token_stats:
-                log_probs = torch.log_softmax(logits, dim=-1)  # (n, V)
-                entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+            if token_stats:  # one (n, V) softmax: H = log Z - sum_v p z, and log sum_v p^2 (einsum: a batched
+                probs = torch.softmax(logits, dim=-1)  # matmul, 2-3x faster on CPU than (p * z).sum(-1))
+                entropies.append(log_z - torch.einsum("nv,nv->n", probs, logits))
                 top1s.append((logits.argmax(-1) == target).to(logits.dtype))
-                wpo_logps.append(logps.detach() - torch.logsumexp(2 * log_probs, dim=-1))
+                wpo_logps.append(logps.detach() - torch.einsum("nv,nv->n", probs, probs).log())
     zeros = torch.zeros(n_out, device=hidden.device, dtype=upcast(h).dtype)
 
     def total(values: list[Tensor]) -> Tensor:  # (N,) per token -> (n_out,) per response

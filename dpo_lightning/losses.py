@@ -84,17 +84,17 @@ def _delta(x: PairLogps, p: LossParams) -> Tensor:
     return chosen - rejected
 
 
+def _smoothed_sigmoid(z: Tensor, label_smoothing: float) -> Tensor:
+    """-(1-e) log s(z) - e log s(-z), per pair: Rafailov et al. 2023, Eq. 7, with cDPO's (Mitchell 2023) share e
+    of flipped labels."""
+    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
              reference_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
     """Sigmoid DPO loss per pair; all inputs (B,), returns (B,). ``label_smoothing`` > 0 gives cDPO."""
     logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
-    return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)  # Rafailov et al. 2023, Eq. 7
-            - F.logsigmoid(-beta * logits) * label_smoothing)  # cDPO (Mitchell 2023): flipped-label share
-
-
-def _smoothed_sigmoid(z: Tensor, label_smoothing: float) -> Tensor:
-    """-(1-e) log s(z) - e log s(-z), per pair."""
-    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    return _smoothed_sigmoid(beta * logits, label_smoothing)
 
 
 def sigmoid(x: PairLogps, p: LossParams) -> Tensor:
@@ -137,7 +137,8 @@ def exo_pair(x: PairLogps, p: LossParams) -> Tensor:
 
 
 def nca_pair(x: PairLogps, p: LossParams) -> Tensor:
-    """NCA (Chen et al. 2024, noise contrastive alignment, two responses): -log s(r_c) - (log s(-r_c) + log s(-r_r)) / 2, r = beta * u."""
+    """NCA (Chen et al. 2024, noise contrastive alignment, two responses):
+    ``-log s(r_c) - (log s(-r_c) + log s(-r_r)) / 2`` with rewards ``r = beta * log-ratio``."""
     chosen, rejected = _logratios(x)
     return (-F.logsigmoid(p.beta * chosen) - 0.5 * F.logsigmoid(-p.beta * chosen)
             - 0.5 * F.logsigmoid(-p.beta * rejected))
