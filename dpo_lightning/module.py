@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import lora, reference_cache
+from .fsdp import is_fsdp
 from .compile import compile_decoder_layers
 from .data import PreferenceBatch
 from .logprobs import ResponseLogps, response_logps
@@ -22,6 +23,7 @@ from .losses import (F_DIVERGENCE_LOSSES, LOSSES, REFERENCE_FREE_LOSSES, FDiverg
                      PairLogps, preference_metrics)
 from .optim import AdamW, WarmupDecayLR
 from .prefix_sharing import attention_pattern, shared_prefix_logps, sharing_blocker, takes_mask_mapping
+from .reference_sync import mix_into_reference
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
@@ -70,6 +72,12 @@ class DPOModule(LightningModule):
         use_weighting: weight each pair's loss by the policy's length-normalised probabilities of its two responses
             (WPO, Zhou et al. 2024, Eq. 2; TRL's option of the same name), not with ``aot``/``aot_unpaired``.
         reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
+        sync_ref_model: TR-DPO: every ``ref_model_sync_steps`` optimizer steps move the reference towards the
+            policy, ``ref <- alpha * policy + (1 - alpha) * ref`` with ``alpha = ref_model_mixup_alpha`` (TRL's
+            options of the same names). The reference then changes, so its log-probs are not precomputed
+            (``precompute_ref_log_probs`` is ignored) and checkpoints keep it. Not with ``use_peft`` or FSDP.
+        ref_model_mixup_alpha: TR-DPO's alpha; 1 replaces the reference by the policy.
+        ref_model_sync_steps: optimizer steps between reference updates.
         dtype: dtype the weights are loaded in; use ``float32`` with ``bf16-mixed`` precision.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; the model's default when unset.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -114,7 +122,8 @@ class DPOModule(LightningModule):
                  loss_weights: Optional[list[float]] = None, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, discopop_tau: float = 0.05,
                  f_divergence_type: FDivergence = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 use_weighting: bool = False, reference_free: bool = False,
+                 use_weighting: bool = False, reference_free: bool = False, sync_ref_model: bool = False,
+                 ref_model_mixup_alpha: float = 0.6, ref_model_sync_steps: int = 512,
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
@@ -149,6 +158,9 @@ class DPOModule(LightningModule):
         if use_weighting and {"aot", "aot_unpaired"} & set(self.loss_names):
             raise ValueError("model.use_weighting (WPO) weights pairs, but aot and aot_unpaired compare sorted batch "
                              "statistics, which belong to no pair")
+        if sync_ref_model and not (0.0 < ref_model_mixup_alpha <= 1.0 and ref_model_sync_steps >= 1):
+            raise ValueError("model.sync_ref_model needs model.ref_model_mixup_alpha in (0, 1] and "
+                             f"model.ref_model_sync_steps >= 1, got {ref_model_mixup_alpha} and {ref_model_sync_steps}")
         if discopop_tau <= 0:
             raise ValueError(f"model.discopop_tau must be positive, got {discopop_tau}")
         if use_peft:
@@ -205,8 +217,11 @@ class DPOModule(LightningModule):
         if hp.use_peft:
             self.policy = lora.apply_lora(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
                                           hp.lora_target_modules)
+        if hp.sync_ref_model:
+            self._check_reference_sync()
         dm = getattr(self._trainer, "datamodule", None)
-        if self.needs_reference and hp.precompute_ref_log_probs and hasattr(dm, "train_pairs"):
+        if self.needs_reference and hp.precompute_ref_log_probs and not hp.sync_ref_model and \
+                hasattr(dm, "train_pairs"):
             self._precompute_reference()
         elif self.needs_reference and not self.shares_reference:
             self.reference = self._load(self._reference_path).eval().requires_grad_(False)
@@ -226,6 +241,26 @@ class DPOModule(LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     compile_decoder_layers(model, hp.torch_compile_backend, hp.torch_compile_mode)
+
+    def _check_reference_sync(self) -> None:
+        if not self.needs_reference:
+            raise ValueError("model.sync_ref_model: these losses use no reference model, so there is none to update")
+        if self.hparams.use_peft:  # as in TRL: the reference is the adapters-off policy, or a model of other names
+            raise ValueError("model.sync_ref_model does not work with use_peft: the reference would have to take the "
+                             "adapters' update; train all weights, or turn sync_ref_model off")
+        if is_fsdp(self._trainer):
+            raise ValueError("model.sync_ref_model is not supported under FSDP: the policy's and the reference's "
+                             "parameters are sharded differently; use DDP")
+        if self.hparams.precompute_ref_log_probs:
+            rank_zero_info("[dpo_lightning] sync_ref_model: the reference changes during training, so its "
+                           "log-probs are computed each step (precompute_ref_log_probs ignored)")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        hp = self.hparams
+        steps_done = self.trainer.global_step + 1  # Lightning counts this step once the hook has returned
+        if hp.sync_ref_model and steps_done % hp.ref_model_sync_steps == 0:
+            mix_into_reference(self.reference, self.policy, hp.ref_model_mixup_alpha)
 
     @property
     def _reference_path(self) -> str:
@@ -258,8 +293,8 @@ class DPOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
+        for key in [k for k in state if k.startswith("reference.") and not self.hparams.sync_ref_model]:
+            del state[key]  # rebuilt from its path; kept when TR-DPO has moved it
         if self.hparams.use_peft and self.policy is not None:  # the frozen base is rebuilt from its path
             trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
             for key in [k for k in state if k.startswith("policy.") and k not in trainable]:
