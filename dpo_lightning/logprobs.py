@@ -32,6 +32,7 @@ class ResponseLogps(NamedTuple):
     logit_sums: Tensor  # (2B,) sum over response positions of the vocabulary-mean logit (TRL's logits/*)
     aux_loss: Optional[Tensor] = None  # () mixture-of-experts router load-balancing loss, when asked for
     stats: Optional[TokenStats] = None  # when asked for (``token_stats``)
+    unweighted_logps: Optional[Tensor] = None  # (2B,) plain sums, when ``logps`` carry LD-DPO's weights
 
 
 # config attributes of Hugging Face models whose logits are not lm_head(hidden): soft-capping (Gemma 2/3), scales
@@ -69,7 +70,8 @@ def _head_gives_the_logits(model: nn.Module) -> bool:
 
 
 def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                   chunk_size: int = 1024, router_aux: bool = False, token_stats: bool = False) -> ResponseLogps:
+                   chunk_size: int = 1024, router_aux: bool = False, token_stats: bool = False,
+                   ld_alpha: Optional[float] = None) -> ResponseLogps:
     """Forward ``model`` once on the whole ``(2B, T)`` batch and reduce to per-response sums.
 
     Args:
@@ -81,6 +83,7 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         router_aux: also return the mixture-of-experts router's load-balancing loss over the batch's tokens, as
             the model's own forward computes it (``output_router_logits``).
         token_stats: also return :class:`TokenStats`.
+        ld_alpha: LD-DPO's weight of the response tokens past the shorter response of the pair (see ``head_logps``).
     """
     target_mask = loss_mask[:, 1:].bool()  # (2B, T-1): position t predicts token t + 1
     rows, cols = target_mask.nonzero(as_tuple=True)  # (N,) each: positions that predict response tokens
@@ -88,15 +91,15 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     if not plain_head(model):  # the model's own logits, gathered at the scored positions
         router = {"output_router_logits": True} if router_aux else {}
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
-        return head_logps(nn.Identity(), out.logits, *args, token_stats=token_stats)._replace(
+        return head_logps(nn.Identity(), out.logits, *args, token_stats=token_stats, ld_alpha=ld_alpha)._replace(
             aux_loss=out.aux_loss if router_aux else None)
     aux_loss = None
     if router_aux:
         hidden, aux_loss = hidden_states_and_router_aux(model, input_ids, attention_mask)
     else:
         hidden = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
-    return head_logps(model.get_output_embeddings(), hidden, *args, token_stats=token_stats)._replace(
-        aux_loss=aux_loss)
+    return head_logps(model.get_output_embeddings(), hidden, *args, token_stats=token_stats,
+                      ld_alpha=ld_alpha)._replace(aux_loss=aux_loss)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -135,8 +138,8 @@ def _takes_logits_to_keep(cls: type) -> bool:
 
 
 def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, cols: Tensor, targets: Tensor,
-               out_index: Tensor, n_out: int, chunk_size: int, tokens: Tensor,
-               token_stats: bool = False) -> ResponseLogps:
+               out_index: Tensor, n_out: int, chunk_size: int, tokens: Tensor, token_stats: bool = False,
+               ld_alpha: Optional[float] = None) -> ResponseLogps:
     """Run the LM head on the hidden states at ``(rows, cols)`` only, in chunks, and sum the log-probs of
     ``targets`` into response ``out_index``.
 
@@ -146,9 +149,12 @@ def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, c
         hidden: (R, T, H) hidden states, or (R, T, V) logits.
         rows, cols: (N,) positions whose next-token prediction is scored.
         targets: (N,) the token each of those positions predicts.
-        out_index: (N,) which of the ``n_out`` responses each position belongs to.
+        out_index: (N,) which of the ``n_out`` responses each position belongs to: each response's positions
+            consecutive and in order; responses ``i`` and ``n_out / 2 + i`` are a pair's chosen and rejected.
         tokens: (n_out,) response lengths, passed through.
         token_stats: also sum :class:`TokenStats` per response.
+        ld_alpha: LD-DPO (Liu et al. 2024): a response's tokens past the length of the pair's shorter response
+            count ``ld_alpha`` times in ``logps`` (the plain sums go to ``unweighted_logps``), as TRL's ``ld_alpha``.
     """
     h = hidden[rows, cols]  # (N, H)
     token_logps, logit_means, entropies, top1s, wpo_logps = [], [], [], [], []
@@ -172,4 +178,20 @@ def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, c
         return zeros.index_add(0, out_index, torch.cat(values)) if values else zeros
 
     stats = TokenStats(total(entropies), total(top1s), total(wpo_logps)) if token_stats else None
-    return ResponseLogps(total(token_logps), tokens, total(logit_means), stats=stats)
+    if ld_alpha is None or not token_logps:
+        return ResponseLogps(total(token_logps), tokens, total(logit_means), stats=stats)
+    weights = ld_weights(out_index, tokens, ld_alpha)  # (N,)
+    return ResponseLogps(total([torch.cat(token_logps) * weights]), tokens, total(logit_means), stats=stats,
+                         unweighted_logps=total(token_logps))
+
+
+def ld_weights(out_index: Tensor, tokens: Tensor, ld_alpha: float) -> Tensor:
+    """(N,) LD-DPO's weight of each scored position: 1 within the first ``min(chosen, rejected)`` tokens of its
+    response, ``ld_alpha`` past them. ``out_index`` (N,) as in ``head_logps``; ``tokens`` (2B,) response lengths."""
+    _, counts = torch.unique_consecutive(out_index, return_counts=True)
+    starts = counts.cumsum(0) - counts
+    index_in_response = torch.arange(out_index.shape[0], device=out_index.device) - starts.repeat_interleave(counts)
+    n_pairs = tokens.shape[0] // 2
+    shared = torch.minimum(tokens[:n_pairs], tokens[n_pairs:]).repeat(2)  # (2B,)
+    one = torch.ones((), device=out_index.device)
+    return torch.where(index_in_response < shared[out_index], one, torch.full_like(one, ld_alpha))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ class PairLogps(NamedTuple):
     reference_rejected_logps: Tensor  # (B,)
     chosen_tokens: Tensor  # (B,) response lengths in tokens
     rejected_tokens: Tensor  # (B,)
+    policy_chosen_unweighted: Optional[Tensor] = None  # (B,) plain sums when the log-probs carry LD-DPO's weights
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def sft(x: PairLogps, p: LossParams) -> Tensor:
 
     The mean is over all chosen tokens of the batch (a token-weighted mean, as TRL), returned for every pair.
     """
-    nll = -x.policy_chosen_logps.sum() / x.chosen_tokens.sum().clamp(min=1)
+    logps = x.policy_chosen_logps if x.policy_chosen_unweighted is None else x.policy_chosen_unweighted
+    nll = -logps.sum() / x.chosen_tokens.sum().clamp(min=1)
     return nll.expand_as(x.policy_chosen_logps)
 
 

@@ -69,6 +69,9 @@ class DPOModule(LightningModule):
             ``js_divergence``, ``alpha_divergence``; the others only with losses of the chosen-minus-rejected score
             (``losses.F_DIVERGENCE_LOSSES``). Rewards stay ``beta`` x log-ratio, as in TRL.
         f_alpha_divergence_coef: alpha of ``alpha_divergence``.
+        ld_alpha: LD-DPO (Liu et al. 2024): the tokens of a response past the length of the pair's shorter
+            response count ``ld_alpha`` times in the policy's and the reference's log-probs (TRL's ``ld_alpha``):
+            less pull towards verbose answers. In [0, 1]; unset is plain DPO (1). The ``sft`` term keeps plain sums.
         use_weighting: weight each pair's loss by the policy's length-normalised probabilities of its two responses
             (WPO, Zhou et al. 2024, Eq. 2; TRL's option of the same name), not with ``aot``/``aot_unpaired``.
         reference_free: compare against a uniform reference (log-prob 0) and load no reference model.
@@ -122,7 +125,8 @@ class DPOModule(LightningModule):
                  loss_weights: Optional[list[float]] = None, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, dpop_lambda: float = 50.0, discopop_tau: float = 0.05,
                  f_divergence_type: FDivergence = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 use_weighting: bool = False, reference_free: bool = False, sync_ref_model: bool = False,
+                 ld_alpha: Optional[float] = None, use_weighting: bool = False, reference_free: bool = False,
+                 sync_ref_model: bool = False,
                  ref_model_mixup_alpha: float = 0.6, ref_model_sync_steps: int = 512,
                  dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
@@ -155,6 +159,8 @@ class DPOModule(LightningModule):
         if f_divergence_type != "reverse_kl" and unfit:
             raise ValueError(f"model.f_divergence_type {f_divergence_type!r} works only with the losses "
                              f"{sorted(F_DIVERGENCE_LOSSES)}; {unfit} have no f-divergence form")
+        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"model.ld_alpha must be in [0, 1], got {ld_alpha}")
         if use_weighting and {"aot", "aot_unpaired"} & set(self.loss_names):
             raise ValueError("model.use_weighting (WPO) weights pairs, but aot and aot_unpaired compare sorted batch "
                              "statistics, which belong to no pair")
@@ -272,7 +278,7 @@ class DPOModule(LightningModule):
         reference_cache.precompute(
             trainer, trainer.datamodule, self._reference_for_precompute, self._reference_path,
             [hp.dtype, hp.attn_implementation, str(trainer.precision)], hp.precompute_batch_size,
-            hp.logits_chunk_size, hp.prefix_sharing)
+            hp.logits_chunk_size, hp.prefix_sharing, hp.ld_alpha)
 
     @contextmanager
     def _reference_for_precompute(self) -> Iterator[nn.Module]:
@@ -305,7 +311,7 @@ class DPOModule(LightningModule):
         """Policy and reference log-probs of a batch; also returns the policy's own reduction (logit sums, and the
         router load-balancing loss when it is on)."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        chunk = self.hparams.logits_chunk_size
+        chunk, ld_alpha = self.hparams.logits_chunk_size, self.hparams.ld_alpha
         response_logps_fn = shared_prefix_logps if self.share_prefix else response_logps
         # the reference runs first: its no-grad activations are gone before the policy's graph is built
         if reference_cache.REF_KEY in batch:  # precomputed: (2B,) chosen then rejected
@@ -314,20 +320,22 @@ class DPOModule(LightningModule):
             reference = None  # reference-free: log-prob 0
         elif self.reference is not None:
             with torch.no_grad():
-                reference = response_logps_fn(self.reference, *inputs, chunk_size=chunk).logps
+                reference = response_logps_fn(self.reference, *inputs, chunk_size=chunk, ld_alpha=ld_alpha).logps
         elif self.shares_reference:
             with torch.no_grad(), lora.adapters_disabled(self.policy):
-                reference = response_logps_fn(self.policy, *inputs, chunk_size=chunk).logps
+                reference = response_logps_fn(self.policy, *inputs, chunk_size=chunk, ld_alpha=ld_alpha).logps
         else:
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
         if self.router_aux_coef:
-            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True, token_stats=True)
+            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True, token_stats=True,
+                                    ld_alpha=ld_alpha)
         else:
-            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk, token_stats=True)
+            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk, token_stats=True, ld_alpha=ld_alpha)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
-        x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2))
+        unweighted = None if policy.unweighted_logps is None else policy.unweighted_logps.chunk(2)[0]
+        x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2), unweighted)
         return x, policy
 
     def _step(self, batch: PreferenceBatch, stage: str, batch_idx: int = 0) -> Tensor:

@@ -163,7 +163,8 @@ def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, 
 
 
 def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                        chunk_size: int = 1024, token_stats: bool = False) -> ResponseLogps:
+                        chunk_size: int = 1024, token_stats: bool = False,
+                        ld_alpha: Optional[float] = None) -> ResponseLogps:
     """The same :class:`~dpo_lightning.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
     forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
     blocker = sharing_blocker(model)
@@ -175,7 +176,8 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     if bites and pattern.mixed and not takes_mask_mapping(model):  # one mask cannot serve full and sliding layers
         warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
                       "layers attend differently run in the plain layout", stacklevel=2)
-        return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats)
+        return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
+                              ld_alpha=ld_alpha)
     layout = shared_layout(input_ids, attention_mask, loss_mask)
     mask: Union[Tensor, dict[str, Tensor]] = layout.mask
     if bites:  # the window in position space: rejected tokens continue the prompt's positions
@@ -191,4 +193,4 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     else:  # the model's own logits (soft-capping, scaling), gathered at the scored positions
         head, hidden = nn.Identity(), model(**inputs, use_cache=False).logits
     return head_logps(head, hidden, layout.rows, layout.cols, layout.targets, layout.out_index, input_ids.shape[0],
-                      chunk_size, layout.tokens, token_stats=token_stats)
+                      chunk_size, layout.tokens, token_stats=token_stats, ld_alpha=ld_alpha)

@@ -13,6 +13,7 @@ the file (temporary file + rename).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,7 +98,7 @@ def load(path: str, n_pairs: int) -> Optional[Tensor]:
 
 def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], AbstractContextManager[nn.Module]],
                reference_path: str, settings: list[Any], batch_size: Optional[int], chunk_size: int,
-               prefix_sharing: bool) -> None:
+               prefix_sharing: bool, ld_alpha: Optional[float] = None) -> None:
     """Attach reference log-probs to every train and validation pair of ``datamodule`` (a
     :class:`~dpo_lightning.data.PreferenceDataModule`): from the cache when every rank finds every split there,
     else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
@@ -108,12 +109,14 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
             implementation, precision; not the layout or batch size, which change the values only by rounding).
         batch_size: pairs per batch of the pass; the data's batch size when None.
         prefix_sharing: run the pass in the prefix-sharing layout when the reference allows it, as the steps do.
+        ld_alpha: LD-DPO's weight of tokens past the shorter response (``logprobs.head_logps``); part of the key.
     """
     todo = [(name, pairs) for name, pairs in (("train", datamodule.train_pairs), ("val", datamodule.val_pairs))
             if pairs and any(REF_KEY not in p for p in pairs)]
     if not todo:
         return
-    settings = [weights_fingerprint(reference_path), *settings, CACHE_VERSION]
+    settings = [weights_fingerprint(reference_path), *settings, CACHE_VERSION] + \
+        ([f"ld_alpha={ld_alpha}"] if ld_alpha is not None else [])  # unset: the keys of earlier versions
     cache_dir = getattr(datamodule.hparams, "cache_dir", None)
     files = {name: cache_file(cache_dir, name, pairs, settings) if cache_dir else None for name, pairs in todo}
     cached = {name: load(files[name], len(pairs)) if files[name] else None for name, pairs in todo}
@@ -129,7 +132,8 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
             logps = _computed_on_all_ranks(trainer, reference, pairs, datamodule._collator(),
                                            batch_size or datamodule.hparams.batch_size, chunk_size,
                                            f"Reference log-probs ({name})",
-                                           shared_prefix_logps if share else response_logps)
+                                           functools.partial(shared_prefix_logps if share else response_logps,
+                                                             ld_alpha=ld_alpha))
             attach(pairs, logps)
             if files[name] and trainer.is_global_zero:
                 save(files[name], logps)

@@ -200,3 +200,16 @@ def test_simpo_matches_trl_cpo_loss():
     x = PairLogps(chosen, rejected, torch.zeros(8), torch.zeros(8), chosen_len, rejected_len)
     got = LOSSES["simpo"](x, LossParams(beta=2.0, simpo_gamma=0.7))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_ld_weights_by_hand():
+    """Two pairs; chosen lengths 3 and 1, rejected 2 and 2 -> shared lengths 2 and 1. Positions in the plain
+    layout's order (chosen 0, chosen 1, rejected 0, rejected 1): the third chosen-0 token and the second
+    rejected-1 token are past the shorter response and weigh alpha."""
+    from dpo_lightning.logprobs import ld_weights
+
+    out_index = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])
+    tokens = torch.tensor([3, 1, 2, 2])
+    assert ld_weights(out_index, tokens, 0.25).tolist() == [1, 1, 0.25, 1, 1, 1, 1, 0.25]
+    shared_order = torch.tensor([0, 0, 0, 2, 2, 1, 3, 3])  # the prefix-sharing layout: chosen then rejected per pair
+    assert ld_weights(shared_order, tokens, 0.25).tolist() == [1, 1, 0.25, 1, 1, 1, 1, 0.25]

@@ -42,7 +42,7 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
     layouts = []
     real_pass = module_lib.reference_cache.compute_reference_logps
     monkeypatch.setattr(module_lib.reference_cache, "compute_reference_logps",
-                        lambda *a, **k: layouts.append(k["logps_fn"].__name__) or real_pass(*a, **k))
+                        lambda *a, **k: layouts.append(k["logps_fn"].func.__name__) or real_pass(*a, **k))
     cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
                        "--model.precompute_ref_log_probs=true", "--model.precompute_batch_size=3")
     assert loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
@@ -103,3 +103,22 @@ def test_reference_pass_with_a_shared_prompt_equals_the_plain_layout(tiny_model_
     assert plain.shape == (len(dm.train_pairs), 2)
     torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-6)  # the models keep rotary in fp32
     assert (plain[:, 0] - plain[:, 1]).abs().max() > 1e-3  # chosen and rejected differ: not a vacuous match
+
+
+def test_ld_alpha_weighs_the_cached_reference_and_keys_its_own_entry(tiny_model_dir, tiny_reference_dir,
+                                                                    pairs_jsonl, tmp_path):
+    from lightning.pytorch import Trainer
+
+    cache, counts, values = tmp_path / "cache", [], []
+    for ld_alpha in (None, 0.3, 0.3):
+        dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir,
+                                  batch_size=4, cache_dir=str(cache))
+        model = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir, ld_alpha=ld_alpha)
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=tmp_path).validate(model, datamodule=dm, verbose=False)
+        counts.append(len(os.listdir(cache / "ref_logps")))
+        values.append(torch.tensor([p[reference_cache.REF_KEY] for p in dm.val_pairs]))
+    assert counts[1] == 2 * counts[0] and counts[2] == counts[1]  # a new entry for 0.3, then reused
+    assert torch.equal(values[1], values[2])
+    # the weighted values: no larger than the plain sums in magnitude, smaller where one response is longer
+    assert (values[1].abs() <= values[0].abs() + 1e-6).all() and (values[1] != values[0]).any()
