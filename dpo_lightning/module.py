@@ -31,7 +31,7 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 STAGES = ("train", "val", "test")
 
 
-def router_aux_coef(model: PreTrainedModel, coef: Optional[float]) -> float:
+def resolve_router_aux_coef(model: PreTrainedModel, coef: Optional[float]) -> float:
     """The weight of the router load-balancing loss, as TRL chooses it: ``coef`` when set, else the model config's
     ``router_aux_loss_coef`` (0 when it declares none); only mixture-of-experts models return that loss."""
     config = model.config.get_text_config()
@@ -217,7 +217,7 @@ class DPOModule(LightningModule):
         self.policy = self._load(self.hparams.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         hp = self.hparams
-        self.router_aux_coef = router_aux_coef(self.policy, hp.router_aux_loss_coef)
+        self.router_aux_coef = resolve_router_aux_coef(self.policy, hp.router_aux_loss_coef)
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.use_peft:
@@ -308,8 +308,8 @@ class DPOModule(LightningModule):
 
     # ---------------------------------------------------------------------------------------- the step
     def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, ResponseLogps]:
-        """Policy and reference log-probs of a batch; also returns the policy's own reduction (logit sums, and the
-        router load-balancing loss when it is on)."""
+        """Policy and reference log-probs of a batch; also returns the policy's own reduction: logit sums, token
+        statistics, the router load-balancing loss when it is on, LD-DPO's unweighted sums when ``ld_alpha`` is set."""
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         chunk, ld_alpha = self.hparams.logits_chunk_size, self.hparams.ld_alpha
         response_logps_fn = shared_prefix_logps if self.share_prefix else response_logps
