@@ -7,7 +7,6 @@ TRL's DPOTrainer adds ``router_aux_loss_coef x aux_loss`` for every model whose 
 import pytest
 import torch
 from conftest import build_tokenizer, conversational_rows
-from test_trl_parity import trl
 
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.losses import sequence_logps
@@ -64,6 +63,7 @@ def test_loss_and_aux_loss_match_trl(tmp_path, pairs_jsonl, model_type):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    trl = pytest.importorskip("trl")
     policy_dir, reference_dir = save_moe(tmp_path, model_type, 0), save_moe(tmp_path, model_type, 1)
     rows = conversational_rows()
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=len(rows), beta=0.1,
