@@ -10,10 +10,12 @@ from typing import Optional
 
 from torch import nn
 
+from .logprobs import unwrapped
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules whose class the model names in ``_no_split_modules`` (its decoder layer), outermost only."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     classes = set(getattr(base, "_no_split_modules", None) or ())
     return [m for m in base.modules() if type(m).__name__ in classes]
 

@@ -104,7 +104,7 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder without its LM head (through a PEFT wrapper too)."""
-    return _unwrapped(model).base_model
+    return unwrapped(model).base_model
 
 
 def hidden_states(model: nn.Module, **inputs: Tensor) -> Tensor:
@@ -119,7 +119,7 @@ def hidden_states_and_router_aux(model: nn.Module, input_ids: Tensor,
     the model builds the logits of the last position only (``logits_to_keep``) where its forward takes that."""
     kept: list[Tensor] = []
     hook = backbone(model).register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
-    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(type(_unwrapped(model))) else {}
+    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(type(unwrapped(model))) else {}
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_router_logits=True,
                     **last_only)
@@ -128,7 +128,8 @@ def hidden_states_and_router_aux(model: nn.Module, input_ids: Tensor,
     return kept[-1], out.aux_loss
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper; the model itself otherwise."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

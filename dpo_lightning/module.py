@@ -328,11 +328,9 @@ class DPOModule(LightningModule):
             raise RuntimeError("a batch without reference log-probs, and no reference model: with "
                                "model.precompute_ref_log_probs every pair must come from the data module's train or "
                                "validation data")
-        if self.router_aux_coef:
-            policy = response_logps(self.policy, *inputs, chunk_size=chunk, router_aux=True, token_stats=True,
-                                    ld_alpha=ld_alpha)
-        else:
-            policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk, token_stats=True, ld_alpha=ld_alpha)
+        router = {"router_aux": True} if self.router_aux_coef else {}  # never with prefix sharing: configure_model
+        policy = response_logps_fn(self.policy, *inputs, chunk_size=chunk, token_stats=True, ld_alpha=ld_alpha,
+                                   **router)
         reference = torch.zeros_like(policy.logps) if reference is None else reference.to(policy.logps)
         unweighted = None if policy.unweighted_logps is None else policy.unweighted_logps.chunk(2)[0]
         x = PairLogps(*policy.logps.chunk(2), *reference.chunk(2), *policy.tokens.chunk(2), unweighted)
@@ -348,12 +346,12 @@ class DPOModule(LightningModule):
         terms = {name: (LOSSES[name](x, self.loss_params) * weights).mean() for name in self.loss_names}
         loss = sum(w * terms[n] for n, w in zip(self.loss_names, self.loss_weights))
         n_pairs = x.policy_chosen_logps.shape[0]
-        aux_loss = None if policy.aux_loss is None else policy.aux_loss.to(loss)
-        if aux_loss is not None:  # mixture-of-experts router load balancing, as TRL adds it
+        values: dict[str, tuple[Tensor, Any]] = {}
+        if policy.aux_loss is not None:  # mixture-of-experts router load balancing, as TRL adds it
+            aux_loss = policy.aux_loss.to(loss)
             loss = loss + self.router_aux_coef * aux_loss
-        values: dict[str, tuple[Tensor, Any]] = {"loss": (loss.detach(), n_pairs)}
-        if aux_loss is not None:
             values["aux_loss"] = (aux_loss.detach(), n_pairs)
+        values["loss"] = (loss.detach(), n_pairs)
         if len(terms) > 1:
             values.update({f"loss/{n}": (t.detach(), n_pairs) for n, t in terms.items()})
         values.update({k: (v, 1.0) for k, v in preference_metrics(x, self.hparams.beta).items()})
