@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch import Callback
 
 from dpo_lightning.cli import cli_main
+from dpo_lightning.guard import first_nonfinite_grad
 from test_cli import ROOT
 
 
@@ -48,3 +49,18 @@ def test_diverging_run_stops_with_a_clear_message(tiny_model_dir, pairs_jsonl, t
 def test_guard_can_be_switched_off(tiny_model_dir, pairs_jsonl, tmp_path):
     run(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.callbacks+=test_guard.PoisonGradient",
         "--nan_guard.enabled=false", "--trainer.max_epochs=1", "--export.enabled=false")
+
+
+def test_first_nonfinite_grad_names_the_parameter_and_passes_huge_finite_gradients():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert first_nonfinite_grad(model) is None  # no gradients yet
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert first_nonfinite_grad(model) is None
+    model[1].weight.grad[0, 0] = 1e30  # finite, but its square overflows the fused norm: the scan clears it
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert first_nonfinite_grad(model) is None
+    model[1].bias.grad[1] = float("-inf")
+    assert first_nonfinite_grad(model) == "1.bias"
+    model[0].weight.grad[2, 1] = float("nan")
+    assert first_nonfinite_grad(model) == "0.weight"  # the first in parameter order
