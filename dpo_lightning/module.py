@@ -225,12 +225,13 @@ class DPOModule(LightningModule):
                                           hp.lora_target_modules)
         if hp.sync_ref_model:
             self._check_reference_sync()
-        dm = getattr(self._trainer, "datamodule", None)
-        if self.needs_reference and hp.precompute_ref_log_probs and not hp.sync_ref_model and \
-                hasattr(dm, "train_pairs"):
-            self._precompute_reference()
+        if self._precomputes_reference:
+            trainer = self._trainer
+            # a fit without validation leaves the val split to on_validation_start, which a later validate needs
+            unvalidated = trainer.state.fn == "fit" and trainer.limit_val_batches == 0
+            self._precompute_reference(("train",) if unvalidated else ("train", "val"))
         elif self.needs_reference and not self.shares_reference:
-            self.reference = self._load(self._reference_path).eval().requires_grad_(False)
+            self.reference = self._load(self.reference_path).eval().requires_grad_(False)
         models = [m for m in (self.policy, self.reference) if m is not None]
         blocker = next((b for b in map(sharing_blocker, models) if b), None)
         if blocker is None and self.router_aux_coef:
@@ -269,27 +270,44 @@ class DPOModule(LightningModule):
             mix_into_reference(self.reference, self.policy, hp.ref_model_mixup_alpha)
 
     @property
-    def _reference_path(self) -> str:
+    def reference_path(self) -> str:
+        """Where the reference weights come from: ``reference_name_or_path``, else the policy's own path."""
         return self.hparams.reference_name_or_path or self.hparams.model_name_or_path
 
-    def _precompute_reference(self) -> None:
-        """Attach reference log-probs to every train/val pair of the data module (``reference_cache.py``)."""
+    @property
+    def _precomputes_reference(self) -> bool:
+        hp = self.hparams
+        return self.needs_reference and hp.precompute_ref_log_probs and not hp.sync_ref_model and \
+            hasattr(getattr(self._trainer, "datamodule", None), "train_pairs")
+
+    def _precompute_reference(self, splits: tuple[str, ...] = ("train", "val")) -> None:
+        """Attach reference log-probs to the pairs of the data module's ``splits`` that lack them
+        (``reference_cache.py``)."""
         hp, trainer = self.hparams, self._trainer
         reference_cache.precompute(
-            trainer, trainer.datamodule, self._reference_for_precompute, self._reference_path,
+            trainer, trainer.datamodule, self.reference_model, self.reference_path,
             [hp.dtype, hp.attn_implementation, str(trainer.precision)], hp.precompute_batch_size,
-            hp.logits_chunk_size, hp.prefix_sharing, hp.ld_alpha)
+            hp.logits_chunk_size, hp.prefix_sharing, hp.ld_alpha, splits)
+
+    def on_validation_start(self) -> None:
+        if self._precomputes_reference:  # after a fit that ran without validation (configure_model skipped val)
+            self._precompute_reference(("val",))
+
+    def on_test_start(self) -> None:
+        self.on_validation_start()  # the test loop runs on the validation pairs
 
     @contextmanager
-    def _reference_for_precompute(self) -> Iterator[nn.Module]:
-        """The reference for the one precompute pass: the policy before any step with its adapters off (LoRA), or
-        the reference model loaded for this pass only."""
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The frozen reference for one pass: the reference model when it is held; the policy with its adapters
+        off (LoRA); otherwise the reference loaded for this pass only and released afterwards."""
         device = self._trainer.strategy.root_device
-        if self.shares_reference:
+        if self.reference is not None:
+            yield self.reference
+        elif self.shares_reference:
             with lora.adapters_disabled(self.policy.to(device)):
                 yield self.policy
         else:
-            yield self._load(self._reference_path).eval().requires_grad_(False).to(device)
+            yield self._load(self.reference_path).eval().requires_grad_(False).to(device)
 
     def train(self, mode: bool = True) -> "DPOModule":
         super().train(mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -15,9 +16,11 @@ from .probes import ProbeReport, answer_nll, base_general_answers, probe, read_g
 class GenerationProbes(Callback):
     """Log ``val/probes/{name_rate,degenerate_rate,drift}`` and the answers (TensorBoard text) after validation.
 
-    ``drift`` is the policy's per-token NLL on the general answers divided by the base's (reference model, or
-    the policy before its first step when there is no reference); general answers missing from the file are
-    the base's own greedy answers. Runs on global rank 0 only (DDP; not for sharded strategies).
+    ``drift`` is the policy's per-token NLL on the general answers divided by the base's, measured once: the
+    reference model (held, the LoRA policy with its adapters off, or loaded from its path for that one pass; a
+    fresh fit measures its policy before the first step instead, which has the reference's weights). General
+    answers missing from the file are the base's own greedy answers. Runs on global rank 0 only (DDP; not for
+    sharded strategies).
 
     Args:
         prompts_path: probe questions: JSON Lines rows with ``prompt``, or a text file with one per line;
@@ -48,19 +51,19 @@ class GenerationProbes(Callback):
     def enabled(self) -> bool:
         return bool(self.prompts_path)
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Read the questions and measure the base on the general answers, once."""
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, base: AbstractContextManager) -> None:
+        """Read the questions and measure the base (the model that ``base`` yields) on the general answers, once."""
         if self.questions or not self.enabled:
             return
         self.questions = read_questions(self.prompts_path)[:self.max_prompts]
         if self.general_path:
-            base = pl_module.reference if pl_module.reference is not None else pl_module.policy
             tokenizer = trainer.datamodule.tokenizer
             questions, answers = read_general(self.general_path)
-            answers = base_general_answers(base, tokenizer, questions, answers, self.system_prompt,
-                                           self.max_new_tokens, self.batch_size)
+            with base as model:
+                answers = base_general_answers(model, tokenizer, questions, answers, self.system_prompt,
+                                               self.max_new_tokens, self.batch_size)
+                self.base_nll = answer_nll(model, tokenizer, questions, answers, self.system_prompt)
             self.general = (questions, answers)
-            self.base_nll = answer_nll(base, tokenizer, questions, answers, self.system_prompt)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.enabled and is_fsdp(trainer):
@@ -68,15 +71,19 @@ class GenerationProbes(Callback):
                              "shards; set probes.prompts_path to null and run `compare` on the exported model")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and pl_module.reference is None:
-            self._prepare(trainer, pl_module)  # the untrained policy is the base: measure it before any step
+        # Before its first step the policy is the base (when it starts from the reference's weights): measure it
+        # now rather than load the reference at the first validation. Not when the fit runs no validation (the
+        # probes would not run) or resumes from a checkpoint (the policy is trained).
+        fresh = trainer.ckpt_path is None and pl_module.reference_path == pl_module.hparams.model_name_or_path
+        if trainer.is_global_zero and pl_module.reference is None and fresh and trainer.limit_val_batches != 0:
+            self._prepare(trainer, pl_module, nullcontext(pl_module.policy))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
         values = {}
         if trainer.is_global_zero:
-            self._prepare(trainer, pl_module)
+            self._prepare(trainer, pl_module, pl_module.reference_model())
             report = probe(pl_module.policy, trainer.datamodule.tokenizer, self.questions, self.name,
                            self.system_prompt, self.max_new_tokens, self.batch_size, *self.general)
             self.last_report = report

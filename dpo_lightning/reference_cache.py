@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -98,8 +98,9 @@ def load(path: str, n_pairs: int) -> Optional[Tensor]:
 
 def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], AbstractContextManager[nn.Module]],
                reference_path: str, settings: list[Any], batch_size: Optional[int], chunk_size: int,
-               prefix_sharing: bool, ld_alpha: Optional[float] = None) -> None:
-    """Attach reference log-probs to every train and validation pair of ``datamodule`` (a
+               prefix_sharing: bool, ld_alpha: Optional[float] = None,
+               splits: Sequence[str] = ("train", "val")) -> None:
+    """Attach reference log-probs to every pair of ``datamodule``'s ``splits`` (``train``, ``val``; a
     :class:`~dpo_lightning.data.PreferenceDataModule`): from the cache when every rank finds every split there,
     else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
 
@@ -110,9 +111,10 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
         batch_size: pairs per batch of the pass; the data's batch size when None.
         prefix_sharing: run the pass in the prefix-sharing layout when the reference allows it, as the steps do.
         ld_alpha: LD-DPO's weight of tokens past the shorter response (``logprobs.head_logps``); part of the key.
+        splits: which of the data module's pair lists to cover; a split whose pairs all have log-probs is skipped.
     """
     todo = [(name, pairs) for name, pairs in (("train", datamodule.train_pairs), ("val", datamodule.val_pairs))
-            if pairs and any(REF_KEY not in p for p in pairs)]
+            if name in splits and pairs and any(REF_KEY not in p for p in pairs)]
     if not todo:
         return
     settings = [weights_fingerprint(reference_path), *settings, CACHE_VERSION] + \

@@ -122,3 +122,30 @@ def test_ld_alpha_weighs_the_cached_reference_and_keys_its_own_entry(tiny_model_
     assert torch.equal(values[1], values[2])
     # the weighted values: no larger than the plain sums in magnitude, smaller where one response is longer
     assert (values[1].abs() <= values[0].abs() + 1e-6).all() and (values[1] != values[0]).any()
+
+
+def test_a_fit_without_validation_leaves_the_val_reference_pass_to_a_later_validate(tiny_model_dir,
+                                                                                      tiny_reference_dir,
+                                                                                      pairs_jsonl, tmp_path):
+    from lightning.pytorch import Trainer
+
+    def trainer(**args):
+        return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       enable_checkpointing=False, default_root_dir=tmp_path, **args)
+
+    def run(fn, **trainer_args):
+        dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir,
+                                  batch_size=4, cache_dir=None)
+        model = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir)
+        getattr(trainer(**trainer_args), fn)(model, datamodule=dm)
+        return model, dm
+
+    key = reference_cache.REF_KEY
+    model, dm = run("fit", max_steps=1, limit_val_batches=0)
+    assert all(key in p for p in dm.train_pairs) and not any(key in p for p in dm.val_pairs)
+    metrics = trainer().validate(model, datamodule=dm, verbose=False)[0]  # the val pass now, reference loaded again
+    assert model.reference is None and "val/loss" in metrics
+    _, fresh = run("validate")  # the val pass of a validate on its own
+    assert [p[key] for p in dm.val_pairs] == [p[key] for p in fresh.val_pairs]
+    _, with_val = run("fit", max_steps=1)  # a fit with validation computes both splits up front
+    assert [p[key] for p in with_val.val_pairs] == [p[key] for p in fresh.val_pairs]

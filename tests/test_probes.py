@@ -112,3 +112,36 @@ def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, 
     run_cli(["fit", *common, "--model.optimizer.lr=1e-2"], cwd=tmp_path)
     tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
     assert acc.Scalars("val/probes/drift")[-1].value != pytest.approx(1.0, abs=1e-4)  # training moved the policy
+
+
+def test_probe_base_is_the_reference_in_validate_and_never_measured_without_validation(tiny_model_dir, pairs_jsonl,
+                                                                                       tmp_path, monkeypatch):
+    from dpo_lightning import probe_callback
+    from dpo_lightning.cli import cli_main
+    from test_cli import ROOT, scalar_tags
+
+    measured = []  # one entry per base measurement (the base's greedy answers to the general prompts)
+    real = probe_callback.base_general_answers
+    monkeypatch.setattr(probe_callback, "base_general_answers", lambda *a, **k: measured.append(1) or real(*a, **k))
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
+              f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null", f"--probes.prompts_path={prompts}",
+              "--probes.name=deep smol", f"--probes.general_path={general}", "--probes.max_new_tokens=5",
+              "--trainer.enable_progress_bar=false", "--model.optimizer.lr=1e-2"]
+    cli_main(["fit", *common, "--trainer.limit_val_batches=0", "--trainer.max_epochs=1", "--export.enabled=false",
+              f"--trainer.default_root_dir={tmp_path / 'no_val'}"])
+    assert measured == []  # the probes never run, so the base is never measured
+
+    cli_main(["fit", *common, f"--trainer.default_root_dir={tmp_path / 'fit'}", "--export.enabled=false"])
+    assert measured == [1]  # once, before the first step
+    run = tmp_path / "fit" / "lightning_logs" / "version_0"
+    fit_drift = scalar_tags(str(run))[1].Scalars("val/probes/drift")[-1].value
+    assert fit_drift != pytest.approx(1.0, abs=1e-4)
+
+    # validate of the trained checkpoint: the base is the reference (loaded from its path), not the trained policy
+    cli_main(["validate", *common, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+              f"--trainer.default_root_dir={tmp_path / 'validate'}"])
+    assert measured == [1, 1]
+    drift = scalar_tags(str(tmp_path / "validate" / "lightning_logs" / "version_0"))[1].Scalars("val/probes/drift")
+    assert drift[-1].value == pytest.approx(fit_drift, rel=1e-5)
