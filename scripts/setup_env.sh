@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (or $VENV) with torch and dpo_lightning[test,gguf,lora]; sourced by demo.sh and test.sh.
+# Creates .venv (or $VENV) with torch and dpo_lightning[$EXTRAS] (default test,gguf,lora; the demo needs only
+# gguf); sourced by demo.sh and test.sh.
 # CPU-only machines get torch's CPU build (torch==2.13.0); machines with an NVIDIA driver get the default build.
 set -euo pipefail
 VENV="${VENV:-.venv}"
@@ -15,5 +16,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install --quiet "torch==2.13.0"
   fi
 fi
-"$PY" -m pip install --quiet -e ".[test,gguf,lora]"
+"$PY" -m pip install --quiet -e ".[${EXTRAS:-test,gguf,lora}]"
 export PY
