@@ -56,7 +56,7 @@ def _from_run(run_dir: str) -> dict[str, Any]:
 
 def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_path: Optional[str] = None,
             name: Optional[str] = None, general_path: Optional[str] = None, run_dir: Optional[str] = None,
-            system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 32,
+            system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 64,
             max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
             dtype: Literal["float32", "bfloat16", "float16"] = "float32",
             trust_remote_code: bool = False) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class GenerationProbes(Callback):
     """
 
     def __init__(self, prompts_path: Optional[str] = None, name: str = "", general_path: Optional[str] = None,
-                 system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 32,
+                 system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 64,
                  max_prompts: Optional[int] = None, log_answers: bool = True) -> None:
         if prompts_path and not name:
             raise ValueError("probes.name is required when probes.prompts_path is set")
