@@ -13,12 +13,15 @@ from jinja2.exceptions import TemplateError  # chat templates are jinja2 (a torc
 from tqdm.auto import tqdm
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .formats import Messages
 
 
 DROP_SEGMENT = 16  # new tokens per generate call between drops of ended rows (greedy_dropping_finished)
 MIN_ROWS = 12  # rows that stay in a batch at least, so that a row's arithmetic does not depend on the batch
+# generate's cache argument and output field: ``past_key_values`` until transformers 5.23, ``cache`` from 5.24
+CACHE_NAME = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,9 @@ def greedy_dropping_finished(model: PreTrainedModel, input_ids: Tensor, attentio
     ids, mask, cache, done = input_ids, attention_mask, None, 0
     while done < max_new_tokens:
         n = min(segment, max_new_tokens - done)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
-                             pad_token_id=pad_id, eos_token_id=eos_ids, return_dict_in_generate=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, use_cache=True, pad_token_id=pad_id,
+                             eos_token_id=eos_ids, return_dict_in_generate=True, **{CACHE_NAME: cache})
         tokens = out.sequences[:, ids.shape[1]:]  # (rows still in the batch, <= n)
         writing = ~ended[live]  # rows kept after their end (min_rows) write on past it: keep their pads
         new[live[writing], done:done + tokens.shape[1]] = tokens[writing]
@@ -145,7 +148,7 @@ def greedy_dropping_finished(model: PreTrainedModel, input_ids: Tensor, attentio
         done += tokens.shape[1]
         if tokens.shape[1] < n or bool(ended[live].all()):  # generate stopped early: every row has ended
             break
-        ids, mask, cache = out.sequences, torch.cat([mask, mask.new_ones(tokens.shape)], dim=1), out.past_key_values
+        ids, mask, cache = out.sequences, torch.cat([mask, mask.new_ones(tokens.shape)], dim=1), out[CACHE_NAME]
         keep = (~ended[live]).nonzero().squeeze(1)
         if min_rows <= len(keep) < len(live):
             cache.reorder_cache(keep)
