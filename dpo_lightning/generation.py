@@ -121,10 +121,10 @@ def greedy_dropping_finished(model: PreTrainedModel, input_ids: Tensor, attentio
 
     Decoding a small model is step-bound (SmolLM2-135M on 2 CPU cores: about 80 ms a step plus 2.7 ms a row), and a
     batch runs until its longest answer ends: on the demo's 105 anchor questions, half of which run to the budget,
-    dropping the others took 68.5 s instead of 88.0 s. Rows leave only while at least ``min_rows`` stay: a linear layer's rows are bitwise the same
-    whatever the batch for 12 rows or more on the CPU kernels measured, not for fewer, and the answers should not
-    depend on which rows ended. Each continuation hands ``generate`` its own cache, so the tokens are those of one
-    uninterrupted call.
+    dropping the others took 68.5 s instead of 88.0 s. Rows leave only while at least ``min_rows`` stay: a linear
+    layer's rows are bitwise the same whatever the batch for 12 rows or more on the CPU kernels measured, not for
+    fewer, and the answers should not depend on which rows ended. Each continuation hands ``generate`` its own
+    cache, so the tokens are those of one uninterrupted call.
 
     Args:
         input_ids, attention_mask: (B, T) left-padded prompts.
