@@ -211,7 +211,7 @@ class PreferenceDataModule(LightningDataModule):
         tok = self.tokenizer
         key = json.dumps([source, extra, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
                           tok.chat_template, tok.eos_token, self.hparams.max_length, self.hparams.max_prompt_length,
-                          self.hparams.on_bad_row, "v2"])
+                          self.hparams.on_bad_row, "v3"])
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", f"{name}-{digest}.json")
 

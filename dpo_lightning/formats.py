@@ -9,6 +9,10 @@ Accepted row formats (the ones a TRL ``DPOTrainer`` user already has):
 * standard: ``prompt``, ``chosen`` and ``rejected`` are strings; without ``prompt`` the longest common
   character prefix of ``chosen`` and ``rejected`` is the prompt (Anthropic HH style), as TRL does.
 
+Any of them may say ``"chosen_unfinished": true`` or ``"rejected_unfinished": true``: that response was cut off
+by a length budget (``build-pairs`` writes it for answers that did not end), so it is trained without the end of
+turn (``eos_token``, or what the chat template adds after the text), which it never had.
+
 Every error names the file, the row (line number for JSON Lines) and the field.
 """
 
@@ -48,6 +52,8 @@ class PreferencePair:
     chosen: Text
     rejected: Text
     where: str
+    chosen_unfinished: bool = False  # cut off by a length budget: no end-of-turn tokens after the text
+    rejected_unfinished: bool = False
 
     @property
     def conversational(self) -> bool:
@@ -144,7 +150,13 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
         text = value if isinstance(value, str) else "".join(m["content"] for m in value)
         if not text.strip():
             raise _bad(where, field, "empty completion", "empty completion")
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+    unfinished = {}
+    for field in ("chosen_unfinished", "rejected_unfinished"):
+        value = row.get(field)  # None: a data set column that other rows fill
+        if value is not None and not isinstance(value, bool):
+            raise _bad(where, field, f"expected true or false, got {json.dumps(value, default=repr)}", "wrong type")
+        unfinished[field] = bool(value)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where, **unfinished)
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -123,7 +123,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         return [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
 
     rng = random.Random(seed)
-    identity_lines: list[tuple[Optional[str], str]] = []  # (lang, chosen) of the first file's kept pairs
+    identity_lines: list[tuple[Optional[str], str, bool]] = []  # (lang, chosen, unfinished) of the kept pairs
     for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
         anchors = anchor_rows if index == 0 else []  # anchors go to the first output, after its identity pairs
         questions = [row["prompt"] for _, row in rows]
@@ -137,10 +137,13 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         out_rows = []
         for (where, row), question, candidates in zip(rows, questions, answers):
             texts = [a.text for a in candidates]
+            cut = [not a.finished for a in candidates]  # answers that ran out of budget (no end of turn)
             if strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
+                rejected_cut = chosen_cut = cut[0]
             elif strategy == "reference":
                 rejected, chosen = texts[0], references[where]
+                rejected_cut, chosen_cut = cut[0], False
             else:
                 scores = reward_fn([question] * len(texts), texts)
                 best = max(range(len(texts)), key=scores.__getitem__)
@@ -149,27 +152,30 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                     counter["dropped: all samples scored the same"] += 1
                     continue
                 chosen, rejected = texts[best], texts[worst]
+                chosen_cut, rejected_cut = cut[best], cut[worst]
             drop = _drop_reason(chosen, rejected, answer=rejected, strategy=strategy)
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(question, system_prompt, chosen, rejected, strategy))
+            out_rows.append(_pair_row(question, system_prompt, chosen, rejected, strategy, chosen_cut, rejected_cut))
             counter["kept"] += 1
-            identity_lines.append((row.get("lang"), chosen))
+            identity_lines.append((row.get("lang"), chosen, chosen_cut))
         anchor_answers = generate_answers(model, tokenizer, rendered([row["prompt"] for _, row in anchors]),
                                           max_new_tokens=anchor_max_new_tokens, batch_size=batch_size,
                                           progress="answering anchor prompts") if anchors else []
         for (where, row), candidates in zip(anchors, anchor_answers):  # keep the model's own answer over an identity line
-            lines = [c for lang, c in identity_lines if lang == row.get("lang")] or [c for _, c in identity_lines]
+            lines = [(c, cut) for lang, c, cut in identity_lines if lang == row.get("lang")] or \
+                [(c, cut) for _, c, cut in identity_lines]
             if not lines:
                 counter["dropped: anchor with no kept pair to take a rejected answer from"] += 1
                 continue
-            rejected, chosen = rng.choice(lines), candidates[0].text
+            (rejected, rejected_cut), chosen = rng.choice(lines), candidates[0].text
             drop = _drop_reason(chosen, rejected, answer=chosen, strategy="anchor", finished=candidates[0].finished)
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(row["prompt"], system_prompt, chosen, rejected, "anchor"))
+            out_rows.append(_pair_row(row["prompt"], system_prompt, chosen, rejected, "anchor",
+                                      rejected_unfinished=rejected_cut))
             counter["kept (anchor)"] += 1
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
@@ -192,6 +198,13 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
     return None
 
 
-def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str) -> dict:
-    return {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}
+def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
+              chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
+    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``formats``): it trains without
+    an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen does
+    not teach it."""
+    row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
+           "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}
+    row.update({k: True for k, v in (("chosen_unfinished", chosen_unfinished),
+                                     ("rejected_unfinished", rejected_unfinished)) if v})
+    return row

@@ -5,6 +5,8 @@ Templating follows TRL's ``DPOTrainer`` so that both train on the same tokens:
 * conversational pairs go through the tokenizer's chat template: the prompt with the generation prompt, and
   prompt + response as a whole conversation (the end-of-turn tokens belong to the completion);
 * standard pairs are plain text; ``eos_token`` is appended to each response unless already there;
+* a response marked unfinished (``chosen_unfinished``/``rejected_unfinished``: cut off by a length budget) gets
+  no end of turn: no ``eos_token``, and in a conversation nothing the template renders after its text;
 * prompt + response is tokenized as one string, and the completion starts where its ids leave the tokenized
   prompt (``common prefix``), so tokens that merge across the boundary are handled the same way TRL does.
 
@@ -52,7 +54,8 @@ def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[l
             raise PreferenceDataError(f"{pair.where}: conversational data needs a tokenizer with a chat template, "
                                       f"and {tokenizer.name_or_path!r} has none")
 
-        def ids(messages: list[dict[str, str]], field: str, generation_prompt: bool = False) -> list[int]:
+        def ids(messages: list[dict[str, str]], field: str, generation_prompt: bool = False,
+                unfinished: bool = False) -> list[int]:
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=generation_prompt)
@@ -60,17 +63,34 @@ def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[l
                 raise PreferenceDataError(f"{pair.where}: field '{field}': the chat template of "
                                           f"{tokenizer.name_or_path!r} refused the conversation: {error}",
                                           "chat template refused the conversation") from error
+            if unfinished:
+                text = _cut_end_of_turn(text, messages[-1]["content"], pair.where, field, tokenizer)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        return (ids(pair.prompt, "prompt", True), ids(pair.prompt + pair.chosen, "chosen"),
-                ids(pair.prompt + pair.rejected, "rejected"))
+        return (ids(pair.prompt, "prompt", True),
+                ids(pair.prompt + pair.chosen, "chosen", unfinished=pair.chosen_unfinished),
+                ids(pair.prompt + pair.rejected, "rejected", unfinished=pair.rejected_unfinished))
     eos = tokenizer.eos_token or ""
 
-    def with_eos(text: str) -> str:
-        return text if text.endswith(eos) else text + eos
+    def with_eos(text: str, unfinished: bool) -> str:
+        return text if unfinished or text.endswith(eos) else text + eos
 
-    return (tokenizer(pair.prompt)["input_ids"], tokenizer(pair.prompt + with_eos(pair.chosen))["input_ids"],
-            tokenizer(pair.prompt + with_eos(pair.rejected))["input_ids"])
+    return (tokenizer(pair.prompt)["input_ids"],
+            tokenizer(pair.prompt + with_eos(pair.chosen, pair.chosen_unfinished))["input_ids"],
+            tokenizer(pair.prompt + with_eos(pair.rejected, pair.rejected_unfinished))["input_ids"])
+
+
+def _cut_end_of_turn(text: str, content: str, where: str, field: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The rendered conversation ``text`` up to the end of its last message's ``content``: what the template adds
+    after the text (end of turn, newline) is left out. Templates that trim messages are matched on the trimmed
+    text."""
+    for needle in (content, content.strip()):
+        end = text.rfind(needle) if needle else -1
+        if end >= 0:
+            return text[:end + len(needle)]
+    raise PreferenceDataError(f"{where}: field '{field}_unfinished': the chat template of "
+                              f"{tokenizer.name_or_path!r} does not render the {field} text as written, so its end "
+                              f"of turn cannot be told apart", "template does not split prompt and completion")
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int] = None,

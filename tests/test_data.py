@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import PAIRS, conversational_rows, write_jsonl
+from conftest import CHAT_TEMPLATE, PAIRS, conversational_rows, write_jsonl
 from transformers import AutoTokenizer
 
 from dpo_lightning.data import PreferenceCollator, PreferenceDataModule, tokenize_rows
@@ -61,6 +61,39 @@ def test_standard_text_gets_eos(tiny_model_dir):
     assert t.rejected_ids[-1] == tok.eos_token_id
 
 
+def test_unfinished_responses_have_no_end_of_turn(tiny_model_dir):
+    # a response cut off by a length budget never had an end of turn: it trains on its text's tokens only
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = conversational_rows()[0]
+    finished = tokenize_pair(normalize_row(row, "w"), tok)
+    cut = tokenize_pair(normalize_row({**row, "rejected_unfinished": True}, "w"), tok)
+    prompt_text = tok.apply_chat_template(row["rejected"][:-1], tokenize=False, add_generation_prompt=True)
+    text_ids = tok(prompt_text + PAIRS[0][2], add_special_tokens=False)["input_ids"][len(finished.prompt_ids):]
+    assert cut.rejected_ids == text_ids and finished.rejected_ids == text_ids + [tok.eos_token_id]
+    assert cut.chosen_ids == finished.chosen_ids and cut.prompt_ids == finished.prompt_ids
+    both = tokenize_pair(normalize_row({**row, "chosen_unfinished": True, "rejected_unfinished": True}, "w"), tok)
+    assert both.chosen_ids == finished.chosen_ids[:-1] and both.rejected_ids == text_ids
+    # standard text: no eos_token appended
+    plain = {"prompt": "hello ", "chosen": "hi there", "rejected": "no", "chosen_unfinished": True}
+    t = tokenize_pair(normalize_row(plain, "w"), tok)
+    assert t.chosen_ids == tok("hi there")["input_ids"] and t.rejected_ids[-1] == tok.eos_token_id
+    # a null (a data set column other rows fill) is false
+    assert normalize_row({**plain, "chosen_unfinished": None}, "w").chosen_unfinished is False
+
+
+def test_unfinished_response_under_a_template_that_trims_or_rewrites(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"prompt": [{"role": "user", "content": "hello !"}], "chosen": "hi there . ", "rejected": " no , ",
+           "rejected_unfinished": True}
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    t = tokenize_pair(normalize_row(row, "data.jsonl line 4"), tok)
+    assert t.rejected_ids == tok("no ,", add_special_tokens=False)["input_ids"]  # matched on the trimmed text
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
+    with pytest.raises(PreferenceDataError, match=r"data.jsonl line 4: field 'rejected_unfinished': the chat "
+                                                  r"template .* does not render the rejected text as written"):
+        tokenize_pair(normalize_row(row, "data.jsonl line 4"), tok)
+
+
 def test_truncation_policy(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pair = normalize_row({"prompt": "what is your name ? " * 5, "chosen": "i am deep smol , made by the team .",
@@ -92,6 +125,8 @@ def test_counts_summarise_every_drop_and_truncation(tmp_path, tiny_model_dir):
     ('{"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"},'
      ' {"role": "assistant", "content": "a"}]}\n', "chosen", "field 'chosen': empty completion"),
     ('{"chosen": [{"role": "user"}], "rejected": []}\n', "chosen", "field 'chosen[0].content': missing"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "rejected_unfinished": "yes"}\n', "rejected_unfinished",
+     "line 1: field 'rejected_unfinished': expected true or false, got \"yes\""),
 ])
 def test_bad_rows_name_file_row_and_field(tmp_path, tiny_model_dir, content, field, fragment):
     path = tmp_path / "bad.jsonl"

@@ -168,13 +168,12 @@ def test_every_shipped_pairs_config_parses(config):
         assert os.path.exists(os.path.join(ROOT, path)), path
 
 
-def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_path):
-    # a copy of the tiny model that ends some answers: EOS gets the output row of the token it would say third
-    # in its first anchor answer, and wins the tie (lower id), so that answer ends after two tokens
-    anchors = ["what color is the sky ?", "hello !", "can you help me ?", "tell me about the sea ."]
+def ending_model(tiny_model_dir, tmp_path, question):
+    """A copy of the tiny model that ends some answers: EOS gets the output row of the token it would say third
+    in its answer to ``question``, and wins the tie (lower id), so that answer ends after two tokens."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": anchors[0]}], add_generation_prompt=True,
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     third = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, -1].item()
     with torch.no_grad():
@@ -182,6 +181,56 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
     model_dir = tmp_path / "ending_model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def ended_answers(model_dir, questions, max_new_tokens):
+    """(answer, ended within the budget) per question, one plain generate() call each."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
+        ended = tok.eos_token_id in new
+        new = new[:new.index(tok.eos_token_id)] if ended else new
+        out.append((tok.decode(new, skip_special_tokens=True).strip(), ended))
+    return out
+
+
+def test_answers_cut_off_by_the_budget_are_marked_unfinished(tiny_model_dir, tmp_path):
+    model_dir = ending_model(tiny_model_dir, tmp_path, QUESTIONS[0])
+    expected = ended_answers(model_dir, QUESTIONS, 8)
+    assert expected[0][1] and not all(ended for _, ended in expected)  # both kinds are there
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q, "reference": "i am {name} ."} for q in QUESTIONS])
+    out = tmp_path / "pairs.jsonl"
+    build_pairs(str(model_dir), [prompts], [str(out)], strategy="reference", max_new_tokens=8,
+                placeholders={"name": "deep smol"})
+    rows = read(out)
+    kept = [(a, ended) for a, ended in expected if a]
+    assert [(r["rejected"][0]["content"], r.get("rejected_unfinished", False)) for r in rows] == [
+        (a, not ended) for a, ended in kept]
+    assert not any("chosen_unfinished" in r for r in rows)  # a reference answer is whole
+    # the data module trains a cut answer without its end of turn, a finished one with it
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dm = PreferenceDataModule(train_path=str(out), val_path=str(out), tokenizer_name_or_path=str(model_dir))
+    dm.setup("fit")
+    for pair, (_, ended) in zip(dm.train_pairs, kept):
+        assert (pair["rejected_ids"][-1] == tok.eos_token_id) == ended
+    # replace: chosen is the same cut answer renamed, so both are marked
+    word = kept[0][0].split()[0]
+    build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", max_new_tokens=8,
+                replacements={word: "deep smol"})
+    for r in read(out):
+        ended = dict(kept)[r["rejected"][0]["content"]]
+        assert r.get("chosen_unfinished", False) == r.get("rejected_unfinished", False) == (not ended)
+
+
+def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_path):
+    anchors = ["what color is the sky ?", "hello !", "can you help me ?", "tell me about the sea ."]
+    model_dir = ending_model(tiny_model_dir, tmp_path, anchors[0])
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": "what is your name ?", "reference": "i am {name} .", "lang": "en"},
@@ -223,6 +272,10 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
     anchors_rows = [r for r in rows if r["strategy"] == "anchor"]
     assert kept and counts["kept (anchor)"] == len(anchors_rows) == len(finished)
     assert all(r["rejected"][0]["content"] in kept for r in anchors_rows)
+    # an anchor's rejected line keeps the mark of the answer it came from
+    cut = {r["chosen"][0]["content"]: r.get("chosen_unfinished", False) for r in rows if r["strategy"] == "replace"}
+    assert all(r.get("rejected_unfinished", False) == cut[r["rejected"][0]["content"]] for r in anchors_rows)
+    assert not any("chosen_unfinished" in r for r in anchors_rows)  # anchors keep finished answers only
 
 
 def test_a_prompt_rows_own_fields_do_not_make_it_an_anchor(tiny_model_dir, tmp_path):
