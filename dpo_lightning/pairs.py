@@ -63,7 +63,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 top_p: float = 1.0, reward: str = "dpo_lightning.rewards.KeywordReward",
                 reward_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
                 dtype: Literal["float32", "bfloat16", "float16"] = "float32", trust_remote_code: bool = False,
-                anchor_prompts_path: Optional[str] = None, anchor_max_new_tokens: int = 192) -> dict[str, Counter]:
+                anchor_prompts_path: Optional[str] = None, anchor_max_new_tokens: int = 192,
+                mark_unfinished: bool = False) -> dict[str, Counter]:
     """Build preference pairs from a model's own answers (see the module docstring for the strategies).
 
     Args:
@@ -94,6 +95,10 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             questions as before rather than with the new identity line (measured: docs/identity.md).
         anchor_max_new_tokens: answer budget for anchor prompts; anchors whose answer does not end within it are
             dropped (a cut answer as chosen would teach stopping mid-sentence).
+        mark_unfinished: mark answers that ran out of ``max_new_tokens`` as ``rejected_unfinished`` (with
+            ``replace`` also ``chosen_unfinished``), so they train without an end of turn (``formats``). Off by
+            default, as in TRL: in the identity demo it did not make the result hold across more data orders
+            (docs/identity.md, session 10).
     """
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
@@ -137,7 +142,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         out_rows = []
         for (where, row), question, candidates in zip(rows, questions, answers):
             texts = [a.text for a in candidates]
-            cut = [not a.finished for a in candidates]  # answers that ran out of budget (no end of turn)
+            cut = [mark_unfinished and not a.finished for a in candidates]  # ran out of budget: no end of turn
             if strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
                 rejected_cut = chosen_cut = cut[0]

@@ -208,6 +208,9 @@ def test_answers_cut_off_by_the_budget_are_marked_unfinished(tiny_model_dir, tmp
     out = tmp_path / "pairs.jsonl"
     build_pairs(str(model_dir), [prompts], [str(out)], strategy="reference", max_new_tokens=8,
                 placeholders={"name": "deep smol"})
+    assert not any("rejected_unfinished" in r for r in read(out))  # opt-in
+    build_pairs(str(model_dir), [prompts], [str(out)], strategy="reference", max_new_tokens=8,
+                placeholders={"name": "deep smol"}, mark_unfinished=True)
     rows = read(out)
     kept = [(a, ended) for a, ended in expected if a]
     assert [(r["rejected"][0]["content"], r.get("rejected_unfinished", False)) for r in rows] == [
@@ -222,7 +225,7 @@ def test_answers_cut_off_by_the_budget_are_marked_unfinished(tiny_model_dir, tmp
     # replace: chosen is the same cut answer renamed, so both are marked
     word = kept[0][0].split()[0]
     build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", max_new_tokens=8,
-                replacements={word: "deep smol"})
+                replacements={word: "deep smol"}, mark_unfinished=True)
     for r in read(out):
         ended = dict(kept)[r["rejected"][0]["content"]]
         assert r.get("chosen_unfinished", False) == r.get("rejected_unfinished", False) == (not ended)
@@ -266,7 +269,7 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
     word = read(out)[0]["rejected"][0]["content"].split()[0]
     counts = build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", max_new_tokens=8,
                          replacements={word: "deep smol"}, anchor_prompts_path=anchor_file,
-                         anchor_max_new_tokens=12)[str(out)]
+                         anchor_max_new_tokens=12, mark_unfinished=True)[str(out)]
     rows = read(out)
     kept = {r["chosen"][0]["content"] for r in rows if r["strategy"] == "replace"}
     anchors_rows = [r for r in rows if r["strategy"] == "anchor"]
@@ -274,7 +277,8 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
     assert all(r["rejected"][0]["content"] in kept for r in anchors_rows)
     # an anchor's rejected line keeps the mark of the answer it came from
     cut = {r["chosen"][0]["content"]: r.get("chosen_unfinished", False) for r in rows if r["strategy"] == "replace"}
-    assert all(r.get("rejected_unfinished", False) == cut[r["rejected"][0]["content"]] for r in anchors_rows)
+    assert any(cut.values()) and \
+        all(r.get("rejected_unfinished", False) == cut[r["rejected"][0]["content"]] for r in anchors_rows)
     assert not any("chosen_unfinished" in r for r in anchors_rows)  # anchors keep finished answers only
 
 
