@@ -10,8 +10,8 @@ Accepted row formats (the ones a TRL ``DPOTrainer`` user already has):
   character prefix of ``chosen`` and ``rejected`` is the prompt (Anthropic HH style), as TRL does.
 
 Any of them may say ``"chosen_unfinished": true`` or ``"rejected_unfinished": true``: that response was cut off
-by a length budget (``build-pairs`` writes it for answers that did not end), so it is trained without the end of
-turn (``eos_token``, or what the chat template adds after the text), which it never had.
+by a length budget (``build-pairs --mark_unfinished true`` writes it for answers that did not end), so it is
+trained without the end of turn (``eos_token``, or what the chat template adds after the text), which it never had.
 
 Every error names the file, the row (line number for JSON Lines) and the field.
 """
