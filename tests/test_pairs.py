@@ -245,16 +245,8 @@ def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_p
                          placeholders={"name": "deep smol", "organization": "the deep team"},
                          anchor_prompts_path=anchor_file, anchor_max_new_tokens=12)[str(out)]
     # independent: one-by-one generate() with EOS detection
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    finished = []
-    for q in anchors:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        new = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:]
-        new = new.tolist()
-        if tok.eos_token_id in new and new.index(tok.eos_token_id) > 0:
-            finished.append((q, tok.decode(new[:new.index(tok.eos_token_id)], skip_special_tokens=True).strip()))
+    finished = [(q, answer) for q, (answer, ended) in zip(anchors, ended_answers(model_dir, anchors, 12))
+                if ended and answer]
     assert finished and finished[0][0] == anchors[0]
     rows = [r for r in read(out) if r["strategy"] == "anchor"]
     assert counts["kept (anchor)"] == len(rows) == len(finished)
