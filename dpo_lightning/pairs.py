@@ -128,7 +128,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         return [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
 
     rng = random.Random(seed)
-    identity_lines: list[tuple[Optional[str], str, bool]] = []  # (lang, chosen, unfinished) of the kept pairs
+    identity_lines: list[tuple[Optional[str], str, bool]] = []  # (lang, chosen, unfinished): first file's kept pairs
     for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
         anchors = anchor_rows if index == 0 else []  # anchors go to the first output, after its identity pairs
         questions = [row["prompt"] for _, row in rows]

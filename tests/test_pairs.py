@@ -30,21 +30,27 @@ def prompts_file(tmp_path):
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 
-def greedy_answers(model_dir, questions, max_new_tokens, system=None):
-    """The tiny model's greedy answers, one prompt at a time with plain generate() (no batching, no padding)."""
+def ended_answers(model_dir, questions, max_new_tokens, system=None):
+    """(answer, ended within the budget) per question: the greedy answer of one plain generate() call each (no
+    batching, no padding)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    answers = []
+    out = []
     for q in questions:
         messages = ([] if system is None else [{"role": "system", "content": system}]) + [
             {"role": "user", "content": q}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
-        if tok.eos_token_id in new:
-            new = new[:new.index(tok.eos_token_id)]
-        answers.append(tok.decode(new, skip_special_tokens=True).strip())
-    return answers
+        new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        ended = tok.eos_token_id in new
+        new = new[:new.index(tok.eos_token_id)] if ended else new
+        out.append((tok.decode(new, skip_special_tokens=True).strip(), ended))
+    return out
+
+
+def greedy_answers(model_dir, questions, max_new_tokens, system=None):
+    """The tiny model's greedy answers, one prompt at a time with plain generate() (no batching, no padding)."""
+    return [answer for answer, _ in ended_answers(model_dir, questions, max_new_tokens, system)]
 
 
 def read(path):
@@ -182,22 +188,6 @@ def ending_model(tiny_model_dir, tmp_path, question):
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return model_dir
-
-
-def ended_answers(model_dir, questions, max_new_tokens):
-    """(answer, ended within the budget) per question, one plain generate() call each."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out = []
-    for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
-        ended = tok.eos_token_id in new
-        new = new[:new.index(tok.eos_token_id)] if ended else new
-        out.append((tok.decode(new, skip_special_tokens=True).strip(), ended))
-    return out
 
 
 def test_answers_cut_off_by_the_budget_are_marked_unfinished(tiny_model_dir, tmp_path):
