@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from jsonargparse import ArgumentParser
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import write_jsonl
 from test_cli import ROOT
@@ -216,9 +216,34 @@ def test_answers_cut_off_by_the_budget_are_marked_unfinished(tiny_model_dir, tmp
     word = kept[0][0].split()[0]
     build_pairs(str(model_dir), [prompts], [str(out)], strategy="replace", max_new_tokens=8,
                 replacements={word: "deep smol"}, mark_unfinished=True)
+    marks = []
     for r in read(out):
         ended = dict(kept)[r["rejected"][0]["content"]]
         assert r.get("chosen_unfinished", False) == r.get("rejected_unfinished", False) == (not ended)
+        marks.append(ended)
+    assert True in marks and False in marks  # both kinds were renamed
+
+
+def test_on_policy_marks_the_samples_that_ran_out_of_budget(tiny_model_dir, tmp_path):
+    model_dir = ending_model(tiny_model_dir, tmp_path, QUESTIONS[0])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gen = GenerationConfig.from_pretrained(model_dir)
+    # no token that decodes to nothing (special tokens but EOS, a hole in the vocab): one token, one word
+    gen.suppress_tokens = [i for i in range(len(tok))
+                           if i != tok.eos_token_id and not tok.decode([i], skip_special_tokens=True).strip()]
+    gen.save_pretrained(model_dir)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    out = tmp_path / "pairs.jsonl"
+    build_pairs(str(model_dir), [prompts], [str(out)], strategy="on_policy", num_samples=4, max_new_tokens=6,
+                reward="test_pairs.length_reward", seed=3, mark_unfinished=True)
+    marks = []
+    for r in read(out):
+        for side in ("chosen", "rejected"):
+            # independent: with the word-level tokenizer an answer cut by the budget has all 6 of its tokens
+            cut = len(r[side][0]["content"].split()) == 6
+            assert r.get(f"{side}_unfinished", False) == cut, (r, side)
+            marks.append(cut)
+    assert True in marks and False in marks
 
 
 def test_anchor_pairs_keep_the_models_own_finished_answers(tiny_model_dir, tmp_path):
