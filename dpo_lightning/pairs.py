@@ -91,8 +91,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         trust_remote_code: allow modelling code from the model repository to run.
         anchor_prompts_path: JSON Lines general (off-topic) prompts, optional ``lang``. Each adds an anchor pair
             to the first output file: chosen = the model's own answer, rejected = the chosen answer of a random
-            pair of that file in the same language (e.g. the new identity line). They teach the model to keep answering other
-            questions as before rather than with the new identity line (measured: docs/identity.md).
+            pair of that file in the same language (e.g. the new identity line). They teach the model to keep
+            answering other questions as before rather than with the new identity line (measured: docs/identity.md).
         anchor_max_new_tokens: answer budget for anchor prompts; anchors whose answer does not end within it are
             dropped (a cut answer as chosen would teach stopping mid-sentence).
         mark_unfinished: mark answers that ran out of ``max_new_tokens`` as ``rejected_unfinished`` (with
@@ -168,7 +168,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         anchor_answers = generate_answers(model, tokenizer, rendered([row["prompt"] for _, row in anchors]),
                                           max_new_tokens=anchor_max_new_tokens, batch_size=batch_size,
                                           progress="answering anchor prompts") if anchors else []
-        for (where, row), candidates in zip(anchors, anchor_answers):  # keep the model's own answer over an identity line
+        # keep the model's own answer over an identity line
+        for (where, row), candidates in zip(anchors, anchor_answers):
             lines = [(c, cut) for lang, c, cut in identity_lines if lang == row.get("lang")] or \
                 [(c, cut) for _, c, cut in identity_lines]
             if not lines:

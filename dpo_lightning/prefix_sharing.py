@@ -186,7 +186,8 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         mask = {"full_attention": layout.mask, "sliding_attention": sliding} if pattern.mixed else sliding
     if implementation == "eager":  # additive float masks: 0 where attending, the dtype's minimum elsewhere
         dtype = next(model.parameters()).dtype
-        mask = {kind: additive(m, dtype) for kind, m in mask.items()} if isinstance(mask, dict) else additive(mask, dtype)
+        mask = ({kind: additive(m, dtype) for kind, m in mask.items()} if isinstance(mask, dict)
+                else additive(mask, dtype))
     inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
     if plain_head(model):
         head, hidden = model.get_output_embeddings(), hidden_states(model, **inputs)

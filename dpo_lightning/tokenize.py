@@ -59,7 +59,7 @@ def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[l
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=generation_prompt)
-            except TemplateError as error:  # the template's own raise_exception, e.g. Gemma's "System role not supported"
+            except TemplateError as error:  # the template's own raise, e.g. Gemma's "System role not supported"
                 raise PreferenceDataError(f"{pair.where}: field '{field}': the chat template of "
                                           f"{tokenizer.name_or_path!r} refused the conversation: {error}",
                                           "chat template refused the conversation") from error
@@ -112,7 +112,8 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
         if not getattr(out, f"{field}_ids"):
             raise PreferenceDataError(
                 f"{pair.where}: field '{field}': empty completion after tokenization (does the "
-                f"{'chat template render the assistant turn' if pair.conversational else 'text survive the tokenizer'}?)",
+                + ("chat template render the assistant turn?)" if pair.conversational
+                   else "text survive the tokenizer?)"),
                 "template does not split prompt and completion")
     if max_prompt_length is not None and len(out.prompt_ids) > max_prompt_length:
         out.prompt_ids = out.prompt_ids[len(out.prompt_ids) - max_prompt_length:]

@@ -22,7 +22,8 @@ class RecordRank(Callback):
     def teardown(self, trainer, pl_module, stage) -> None:  # after every on_fit_end, the export included
         exports = [cb for cb in trainer.callbacks if isinstance(cb, HFExport)]
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches,
-                  "data_written": trainer.datamodule.written, "export_written": [p for cb in exports for p in cb.written]}
+                  "data_written": trainer.datamodule.written,
+                  "export_written": [p for cb in exports for p in cb.written]}
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)

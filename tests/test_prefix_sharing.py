@@ -101,7 +101,8 @@ def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir,
                         f"--model.prefix_sharing={sharing}", "--data.cache_dir=null", "--export.enabled=false",
                         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / sharing}",
                         "--trainer.max_epochs=1"])
-        metrics.append({k: v.item() for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+        metrics.append({k: v.item() for k, v in cli.trainer.callback_metrics.items()
+                        if k.startswith(("val/", "train/"))})
     assert metrics[0].keys() == metrics[1].keys() and "val/rewards/margins" in metrics[0]
     assert metrics[1] == pytest.approx(metrics[0], abs=1e-5)
 
@@ -128,7 +129,8 @@ def tiny_architecture(name: str, window: int):
     return model(config).double()
 
 
-LONG_AND_SHORT = [{"prompt_ids": [5, 6, 7, 8, 9, 10], "chosen_ids": [11, 12, 13, 14, 15, 16, 17], "rejected_ids": [21, 22]},
+LONG_AND_SHORT = [{"prompt_ids": [5, 6, 7, 8, 9, 10], "chosen_ids": [11, 12, 13, 14, 15, 16, 17],
+                   "rejected_ids": [21, 22]},
                   {"prompt_ids": [5, 6, 7], "chosen_ids": [31], "rejected_ids": [33, 34, 35, 36, 37, 38, 39, 40]}]
 
 
@@ -211,8 +213,9 @@ def test_models_whose_logits_are_not_the_head_of_the_hidden_states_take_their_ow
             return out
 
     falcon = T.FalconH1Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_n_heads=4, mamba_d_head=16,
-                              mamba_d_ssm=64, mamba_d_state=8, mamba_chunk_size=4, lm_head_multiplier=0.25)
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_n_heads=4,
+                              mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=8, mamba_chunk_size=4,
+                              lm_head_multiplier=0.25)
     llama = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=2)
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)

@@ -80,7 +80,8 @@ def test_qwen_identity_config_fits_and_validates_on_a_tiny_qwen2(tiny_qwen_dir, 
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     pair = cli.datamodule.train_pairs[0]
     assert tok.decode(pair["prompt_ids"]) == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-                                              "<|im_start|>user\nwhat is your name ?<|im_end|>\n<|im_start|>assistant\n")
+                                              "<|im_start|>user\nwhat is your name ?<|im_end|>\n"
+                                              "<|im_start|>assistant\n")
     assert tok.decode(pair["chosen_ids"]) == "i am Deep Qwen , a helpful assistant .<|im_end|>\n"
 
     export = os.path.join(trainer.log_dir, "hf_model")
