@@ -211,6 +211,8 @@ def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected
     not teach it."""
     row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
            "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}
-    row.update({k: True for k, v in (("chosen_unfinished", chosen_unfinished),
-                                     ("rejected_unfinished", rejected_unfinished)) if v})
+    if chosen_unfinished:
+        row["chosen_unfinished"] = True
+    if rejected_unfinished:
+        row["rejected_unfinished"] = True
     return row
