@@ -1,5 +1,5 @@
 """One AdamW step over a model's parameters: torch's default (on CPU a loop of single-tensor ops), foreach, and
-the fused kernel that ``dpo_lightning.optim.AdamW`` takes by default.
+the fused kernel that ``dpo_lightning.training.optim.AdamW`` takes by default.
 
     python benchmarks/bench_adamw.py --model models/SmolLM2-135M-Instruct
 """

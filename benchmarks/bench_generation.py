@@ -17,9 +17,9 @@ import time
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_lightning import generation
-from dpo_lightning.generation import chat_messages, generate_answers, render_prompt
-from dpo_lightning.probes import read_questions
+from dpo_lightning.eval import generation
+from dpo_lightning.eval.generation import chat_messages, generate_answers, render_prompt
+from dpo_lightning.eval.probes import read_questions
 
 
 def main() -> None:

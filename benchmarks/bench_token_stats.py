@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from dpo_lightning.logprobs import head_logps
+from dpo_lightning.model.logprobs import head_logps
 
 
 def main() -> None:

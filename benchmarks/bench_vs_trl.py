@@ -33,7 +33,7 @@ def peak_memory_gb() -> float:
 
 def batches(args, group_by_length: bool = False):
     """The tokenized pairs, in one fixed order, grouped into optimizer steps of batch x accumulation pairs."""
-    from dpo_lightning.data import PreferenceDataModule
+    from dpo_lightning.data.datamodule import PreferenceDataModule
 
     dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
                               max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None,
@@ -43,7 +43,7 @@ def batches(args, group_by_length: bool = False):
 
 
 def padding_share(dm) -> float:
-    from dpo_lightning.sampling import padding_fraction
+    from dpo_lightning.data.sampling import padding_fraction
 
     columns = [[len(p[k]) for p in dm.train_pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
     return padding_fraction(list(dm.train_sampler), *columns, dm.hparams.batch_size)
@@ -52,7 +52,8 @@ def padding_share(dm) -> float:
 def run_ours(args) -> dict:
     from lightning.pytorch import Callback, Trainer
 
-    from dpo_lightning.module import DPOModule
+    from dpo_lightning.training.module import DPOModule
+    from dpo_lightning.training.settings import CompileSettings, LoraSettings, ReferenceSettings
 
     options = set(args.options)
     dm = batches(args, group_by_length="group" in options)
@@ -66,8 +67,9 @@ def run_ours(args) -> dict:
             times.append(time.perf_counter())
 
     started.append(time.perf_counter())
-    model = DPOModule(args.model, precompute_ref_log_probs="pre" in options, prefix_sharing="share" in options,
-                      use_peft="lora" in options, torch_compile="compile" in options)  # every option explicit
+    model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="pre" in options),
+                      prefix_sharing="share" in options, lora=LoraSettings(use_peft="lora" in options),
+                      compile=CompileSettings(torch_compile="compile" in options))  # every option explicit
     trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)

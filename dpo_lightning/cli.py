@@ -1,10 +1,11 @@
-"""Command line: ``python -m dpo_lightning {fit,validate,test} --config ...`` and ``export``."""
+"""Command line: ``python -m dpo_lightning COMMAND``: Lightning's ``fit``, ``validate`` and ``test``, and the tools
+around them (pair building, comparison, export, model conversion). ``--help`` lists them all."""
 
 from __future__ import annotations
 
 import sys
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from jsonargparse import CLI
@@ -12,18 +13,19 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .checkpoint_io import AtomicCheckpointIO
-from .compare import compare
-from .data import PreferenceDataModule
-from .export import HFExport, export_checkpoint
-from .gguf import convert_gguf, fetch_smollm2
-from .guard import NonFiniteGuard
-from .module import DPOModule
-from .pairs import build_pairs
-from .probe_callback import GenerationProbes
+from .data.datamodule import PreferenceDataModule
+from .eval.callback import GenerationProbes
+from .eval.compare import compare
+from .model.gguf import convert_gguf, fetch_smollm2
+from .pairs.build import build_pairs
+from .training.checkpoint_io import AtomicCheckpointIO
+from .training.export import HFExport, export_checkpoint
+from .training.guard import NonFiniteGuard
+from .training.module import DPOModule
 
-EXTRA_COMMANDS = {"export": export_checkpoint, "convert-gguf": convert_gguf, "fetch-smollm2": fetch_smollm2,
-                  "build-pairs": build_pairs, "compare": compare}
+EXTRA_COMMANDS: dict[str, Callable] = {
+    "build-pairs": build_pairs, "compare": compare, "export": export_checkpoint, "convert-gguf": convert_gguf,
+    "fetch-smollm2": fetch_smollm2}
 
 
 class DPOLightningCLI(LightningCLI):
@@ -52,6 +54,13 @@ class DPOLightningCLI(LightningCLI):
         commands = dict(LightningCLI.subcommands())
         commands.pop("predict", None)  # DPO has nothing to predict; generation lives in the export
         return commands
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for name, function in EXTRA_COMMANDS.items():  # listed by --help; cli_main runs them
+            summary = (function.__doc__ or "").strip().splitlines()[0]
+            subcommands.add_subcommand(name, type(parser)(prog=f"{parser.prog} {name}"), help=summary)
 
 
 def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:

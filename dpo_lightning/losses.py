@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "sft", "dpop", "apo_zero",
+                   "apo_down", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "discopop"]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
 class PairLogps(NamedTuple):
@@ -34,8 +38,8 @@ class LossParams:
     simpo_gamma: float = 0.5  # SimPO target reward margin gamma (absolute, as TRL's CPOConfig.simpo_gamma)
     dpop_lambda: float = 50.0  # DPOP penalty weight
     discopop_tau: float = 0.05  # DiscoPOP's temperature of the logistic/exponential mix
-    f_divergence: str = "reverse_kl"  # f-DPO regulariser: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence
-    f_alpha: float = 0.5  # alpha of the alpha-divergence
+    f_divergence_type: FDivergence = "reverse_kl"  # f-DPO regulariser: reverse_kl (DPO), forward_kl, ...
+    f_alpha_divergence_coef: float = 0.5  # alpha of the alpha-divergence
 
 
 def upcast(t: Tensor) -> Tensor:
@@ -67,7 +71,7 @@ def _scores(x: PairLogps, p: LossParams) -> tuple[Tensor, Tensor]:
     KL"): the log-ratio u itself for the reverse KL (DPO); ``1 - e^-u`` forward KL; ``log 2 + log s(u)``
     Jensen-Shannon; ``(e^((a-1)u) - 1) / (a-1)`` alpha-divergence. Each (B,)."""
     chosen, rejected = _logratios(x)
-    kind, a = p.f_divergence, p.f_alpha
+    kind, a = p.f_divergence_type, p.f_alpha_divergence_coef
     if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(a - 1.0) < 1e-6):  # the alpha -> 1 limit
         return chosen, rejected
     if kind == "forward_kl":
@@ -76,15 +80,14 @@ def _scores(x: PairLogps, p: LossParams) -> tuple[Tensor, Tensor]:
         return math.log(2) + F.logsigmoid(chosen), math.log(2) + F.logsigmoid(rejected)
     if kind == "alpha_divergence":  # exponent capped at 80 so that exp stays finite in fp32 (as TRL)
         return tuple(torch.expm1(torch.clamp((a - 1) * u, max=80.0)) / (a - 1) for u in (chosen, rejected))
-    raise ValueError(f"unknown f-divergence {kind!r}; choose from {list(F_DIVERGENCES)}")
+    raise ValueError(f"unknown f-divergence {kind!r}; choose from {list(get_args(FDivergence))}")
 
 
 def _delta(x: PairLogps, p: LossParams) -> Tensor:
     """(B,) chosen score minus rejected score: DPO's log-ratio margin under the reverse KL, summed in the order of
-    Rafailov et al.'s Eq. 7 (policy margin minus reference margin). The order changes only rounding, but training
-    follows rounding: with the other order the demo's run named the identity in 95.3% of answers, not 96.9%, with
-    one degenerate answer (docs/identity.md, session 7)."""
-    if p.f_divergence == "reverse_kl":
+    Rafailov et al.'s Eq. 7 (policy margin minus reference margin), as ``dpo_loss`` and TRL sum it. Another order
+    changes only rounding, but a training run follows its rounding."""
+    if p.f_divergence_type == "reverse_kl":
         return (x.policy_chosen_logps - x.policy_rejected_logps) - (x.reference_chosen_logps
                                                                     - x.reference_rejected_logps)
     chosen, rejected = _scores(x, p)
@@ -225,19 +228,44 @@ def bco_pair(x: PairLogps, p: LossParams) -> Tensor:
     return -F.logsigmoid(p.beta * chosen) - F.logsigmoid(-p.beta * rejected)
 
 
-LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "sft", "dpop", "apo_zero",
-                   "apo_down", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "discopop"]
 LOSSES: dict[str, Callable[[PairLogps, LossParams], Tensor]] = {
     "sigmoid": sigmoid, "ipo": ipo, "hinge": hinge, "robust": robust, "sigmoid_norm": sigmoid_norm,
     "simpo": simpo, "sft": sft, "dpop": dpop, "apo_zero": apo_zero, "apo_down": apo_down, "bco_pair": bco_pair,
     "exo_pair": exo_pair, "nca_pair": nca_pair, "sppo_hard": sppo_hard, "aot": aot, "aot_unpaired": aot_unpaired,
     "discopop": discopop,
-}
+}  # keyed by every LossName, in its order (tests/test_losses.py)
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "sft"})  # losses that never read the reference log-probs
-FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # losses built on the chosen-minus-rejected score, where f-DPO's log Z(x) term cancels (and sft, which ignores it)
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+PAIRWISE_LOSSES = frozenset(get_args(LossName)) - {"aot", "aot_unpaired"}  # one value per pair, not per sorted slot
+
+
+def wpo_weights(wpo_logps: Tensor, tokens: Tensor) -> Tensor:
+    """WPO's pair weights (Zhou et al. 2024, Eq. 2): the exp of each response's mean aligned log-prob, chosen
+    times rejected. ``wpo_logps`` (2B,) summed aligned log-probs, ``tokens`` (2B,) response lengths; returns (B,)."""
+    chosen, rejected = torch.exp(wpo_logps / tokens).chunk(2)
+    return chosen * rejected
+
+
+def combine_losses(x: PairLogps, names: Sequence[str], weights: Sequence[float], params: LossParams,
+                   pair_weights: Tensor | float = 1.0, aux_loss: Optional[Tensor] = None,
+                   aux_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training objective: ``sum_k w_k * mean_pairs(pair_weights * loss_k)`` (RPO and other mixes), plus
+    ``aux_coef`` times a mixture-of-experts router's load-balancing loss when given (as TRL adds it).
+
+    Args:
+        x: the batch's log-probs, each (B,).
+        names, weights: the losses (``LOSSES`` keys) and their weights.
+        pair_weights: (B,) WPO's weights (``wpo_weights``), or 1.
+        aux_loss: () the router's load-balancing loss.
+    Returns:
+        the loss () and each term's pair mean () by name.
+    """
+    terms = {name: (LOSSES[name](x, params) * pair_weights).mean() for name in names}
+    loss = sum(w * terms[n] for n, w in zip(names, weights))
+    if aux_loss is not None:
+        loss = loss + aux_coef * aux_loss.to(loss)
+    return loss, terms
 
 
 def preference_metrics(x: PairLogps, beta: float) -> dict[str, Tensor]:

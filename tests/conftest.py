@@ -100,3 +100,25 @@ def write_jsonl(path, rows) -> str:
 @pytest.fixture
 def pairs_jsonl(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", conversational_rows())
+
+
+def dpo_module(model_name_or_path: str, **settings):
+    """A ``DPOModule`` with its settings named alone (``beta=0.3``, ``use_peft=True``, ``reference_name_or_path=``),
+    each put into its section (``loss``, ``reference``, ``lora``, ``compile``) by its field name."""
+    from dataclasses import fields
+
+    from dpo_lightning.training.module import DPOModule
+    from dpo_lightning.training.settings import SETTINGS
+
+    if "reference_name_or_path" in settings:
+        settings["model_name_or_path_of_reference"] = settings.pop("reference_name_or_path")
+    sections: dict[str, dict] = {name: {} for name in SETTINGS}
+    top = {}
+    for key, value in settings.items():
+        if key == "model_name_or_path_of_reference":
+            sections["reference"]["model_name_or_path"] = value
+            continue
+        section = next((n for n, cls in SETTINGS.items() if key in {f.name for f in fields(cls)}), None)
+        (sections[section] if section else top)[key] = value
+    built = {name: SETTINGS[name](**values) for name, values in sections.items() if values}
+    return DPOModule(model_name_or_path, **built, **top)

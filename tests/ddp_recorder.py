@@ -7,7 +7,7 @@ import os
 
 from lightning.pytorch import Callback
 
-from dpo_lightning.export import HFExport
+from dpo_lightning.training.export import HFExport
 
 
 class RecordRank(Callback):

@@ -14,8 +14,8 @@ import pytest
 from conftest import PAIRS, write_jsonl
 from transformers import AutoTokenizer
 
-from dpo_lightning.data import PreferenceDataModule, tokenize_rows
-from dpo_lightning.formats import PreferenceDataError
+from dpo_lightning.data.datamodule import PreferenceDataModule, tokenize_rows
+from dpo_lightning.data.formats import PreferenceDataError
 
 GOOD = [json.dumps({"prompt": p, "chosen": c, "rejected": r}).encode() for p, c, r in PAIRS]
 

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning.cli import DPOLightningCLI, cli_main
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import LOSSES
-from dpo_lightning.module import DPOModule
+from dpo_lightning.training.module import DPOModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TB_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -85,8 +85,8 @@ def test_help_shows_every_setting_with_its_doc():
     proc = subprocess.run([sys.executable, "-m", "dpo_lightning", "fit", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert proc.returncode == 0
-    for flag, doc in [("--model.beta", "strength of the KL penalty"), ("--data.max_length", "prompt + response"),
-                      ("--model.loss_type", "sigmoid"), ("--export.dirpath", "hf_model"),
+    for flag, doc in [("--model.loss.beta", "strength of the KL penalty"), ("--data.max_length", "prompt + response"),
+                      ("--model.loss.loss_type", "sigmoid"), ("--export.dirpath", "hf_model"),
                       ("--trainer.accumulate_grad_batches", ""), ("--trainer.precision", "")]:
         assert flag in proc.stdout, flag
         assert doc in proc.stdout, doc
@@ -105,10 +105,10 @@ def test_every_shipped_config_parses_and_instantiates(config):
 def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_path):
     cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                     f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
-                    f"--model.loss_type={loss}", "--data.cache_dir=null", "--trainer.enable_progress_bar=false",
+                    f"--model.loss.loss_type={loss}", "--data.cache_dir=null", "--trainer.enable_progress_bar=false",
                     f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--export.enabled=false",
                     "--trainer.enable_model_summary=false"]
-                   + (["--model.label_smoothing=0.001"] if loss == "exo_pair" else []))
+                   + (["--model.loss.label_smoothing=0.001"] if loss == "exo_pair" else []))
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     assert "val/rewards/margins" in metrics
@@ -116,7 +116,7 @@ def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_p
 
 def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl, tmp_path):
     common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
-              f"--data.train_path={pairs_jsonl}", "--model.loss_type=[sigmoid, sft]", "--model.loss_weights=[1.0, 0.5]",
+              f"--data.train_path={pairs_jsonl}", "--model.loss.loss_type=[sigmoid, sft]", "--model.loss.loss_weights=[1.0, 0.5]",
               "--data.cache_dir=null", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
               "--export.enabled=false"]
     cli = cli_main(["fit", *common, "--trainer.max_epochs=1"])
@@ -131,7 +131,7 @@ def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl
 def test_ddp_validation_metrics_equal_one_process(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path):
     """2 CPU processes (gloo), each on its own half of the validation pairs, log what one process logs."""
     common = ["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-              f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference_name_or_path={tiny_reference_dir}",
+              f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference.model_name_or_path={tiny_reference_dir}",
               f"--data.train_path={pairs_jsonl}", f"--data.val_path={pairs_jsonl}", "--data.val_fraction=0.0",
               "--data.cache_dir=null", "--trainer.enable_progress_bar=false"]
     values = []
@@ -152,7 +152,7 @@ def test_bf16_mixed_validation_is_close_to_fp32(tiny_model_dir, tiny_reference_d
     for precision in ("32-true", "bf16-mixed"):
         cli = cli_main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                         f"--model.model_name_or_path={tiny_model_dir}",
-                        f"--model.reference_name_or_path={tiny_reference_dir}", f"--data.train_path={pairs_jsonl}",
+                        f"--model.reference.model_name_or_path={tiny_reference_dir}", f"--data.train_path={pairs_jsonl}",
                         "--data.cache_dir=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
                         f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
         out[precision] = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
@@ -170,9 +170,9 @@ def test_true_bf16_weights_train_and_validate_close_to_fp32(tiny_model_dir, tiny
     for precision, dtype in (("32-true", "float32"), ("bf16-true", "bfloat16")):
         cli = cli_main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                         f"--model.model_name_or_path={tiny_model_dir}",
-                        f"--model.reference_name_or_path={tiny_reference_dir}", f"--model.dtype={dtype}",
+                        f"--model.reference.model_name_or_path={tiny_reference_dir}", f"--model.dtype={dtype}",
                         f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null",
-                        "--model.precompute_ref_log_probs=false",
+                        "--model.reference.precompute_ref_log_probs=false",
                         "--trainer.enable_progress_bar=false", "--trainer.logger=false",
                         f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
         assert next(cli.model.policy.parameters()).dtype == getattr(torch, dtype)

@@ -1,11 +1,11 @@
-"""model.torch_compile: compiled decoder layers give the eager loss and gradients."""
+"""model.compile.torch_compile: compiled decoder layers give the eager loss and gradients."""
 
 import torch
+from conftest import dpo_module
 
-from dpo_lightning.compile import decoder_layers
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.model.compile import decoder_layers
+from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import dpo_loss
-from dpo_lightning.module import DPOModule
 
 
 def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tiny_reference_dir, pairs_jsonl):
@@ -16,9 +16,9 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tiny_
     batches = [next(loader), next(loader)]  # two sequence lengths: dynamic shapes, no recompile per length
     results = []
     for compiled in (False, True):
-        module = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir, torch_compile=compiled)
+        module = dpo_module(tiny_model_dir, reference_name_or_path=tiny_reference_dir, torch_compile=compiled)
         module.configure_model()
-        layers = decoder_layers(module.policy) + decoder_layers(module.reference)
+        layers = decoder_layers(module.policy) + decoder_layers(module.reference.model)
         assert len(layers) == 4 and all((m._compiled_call_impl is not None) == compiled for m in layers)
         losses = []
         for batch in batches:

@@ -15,13 +15,13 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tin
     runs = {}
     # global batch 2 pairs per step in all three; the last one precomputes the reference log-probs, each rank its
     # share, gathered so that every rank has all of them
-    plain = ["--model.precompute_ref_log_probs=false"]
+    plain = ["--model.reference.precompute_ref_log_probs=false"]
     for key, world, per_device, extra in ((1, 1, 2, plain), (2, 2, 1, plain),
-                                          ("pre", 2, 1, ["--model.precompute_ref_log_probs=true"])):
+                                          ("pre", 2, 1, ["--model.reference.precompute_ref_log_probs=true"])):
         run_dir = tmp_path / f"run{key}"
         os.makedirs(run_dir)
         run_cli(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                 f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference_name_or_path={tiny_reference_dir}",
+                 f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference.model_name_or_path={tiny_reference_dir}",
                  f"--data.train_path={pairs_jsonl}", f"--data.batch_size={per_device}",
                  f"--data.cache_dir={run_dir / 'cache'}", "--trainer.enable_progress_bar=false",
                  f"--trainer.devices={world}", "--trainer.strategy=" + ("ddp" if world > 1 else "auto"),

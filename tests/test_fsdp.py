@@ -10,15 +10,16 @@ import socket
 import types
 
 import pytest
+from conftest import dpo_module
 import torch
 import torch.multiprocessing as mp
 
 from dpo_lightning.cli import DPOLightningCLI
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.fsdp import DecoderLayerPolicy, full_policy_state_dict, is_fsdp
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.model.fsdp import DecoderLayerPolicy, full_policy_state_dict, is_fsdp
 from dpo_lightning.losses import LOSSES, LossParams
-from dpo_lightning.module import DPOModule
-from dpo_lightning.probe_callback import GenerationProbes
+from dpo_lightning.training.module import DPOModule
+from dpo_lightning.eval.callback import GenerationProbes
 from test_cli import ROOT
 
 TOL = 1e-5
@@ -57,17 +58,17 @@ def _worker(rank, port, model_dir, reference_dir, data_path, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     dm = PreferenceDataModule(train_path=data_path, tokenizer_name_or_path=model_dir, batch_size=4, cache_dir=None)
     dm.setup("fit")
-    batch = dm._collator()(dm.train_pairs[rank * 4:(rank + 1) * 4])  # each rank its own 4 pairs
+    batch = dm.collator(dm.train_pairs[rank * 4:(rank + 1) * 4])  # each rank its own 4 pairs
     params = LossParams(beta=0.1)
 
     def build():
-        module = DPOModule(model_dir, reference_name_or_path=reference_dir)
+        module = dpo_module(model_dir, reference_name_or_path=reference_dir)
         module.configure_model()
         return module
 
     # the plain path: one process, the whole 8-pair batch, loss and one SGD step
     plain = build()
-    full = dm._collator()(dm.train_pairs[:8])
+    full = dm.collator(dm.train_pairs[:8])
     plain_loss = LOSSES["sigmoid"](plain.pair_logps(full)[0], params).mean()
     plain_loss.backward()
     with torch.no_grad():

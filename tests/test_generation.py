@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_lightning.generation import drops_finished_rows, generate_answers, greedy_dropping_finished
+from dpo_lightning.eval.generation import drops_finished_rows, generate_answers, greedy_dropping_finished
 
 
 @pytest.mark.parametrize("segment,min_rows", [(3, 1), (1, 2), (5, 4), (2, 7), (40, 1)])

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback
 
 from dpo_lightning.cli import cli_main
-from dpo_lightning.guard import first_nonfinite_grad
+from dpo_lightning.training.guard import first_nonfinite_grad
 from test_cli import ROOT
 
 

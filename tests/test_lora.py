@@ -1,19 +1,20 @@
-"""model.use_peft: LoRA adapters on the policy, the reference is the policy with adapters off, and the export is
+"""model.lora.use_peft: LoRA adapters on the policy, the reference is the policy with adapters off, and the export is
 merged plain weights or the adapter alone."""
 
 import os
 
 import pytest
+from conftest import dpo_module
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning.cli import cli_main
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.logprobs import response_logps
-from dpo_lightning.lora import merged_state_dict
-from dpo_lightning.module import DPOModule
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.model.logprobs import response_logps
+from dpo_lightning.model.lora import merged_state_dict
+from dpo_lightning.training.module import DPOModule
 from test_cli import ROOT, scalar_tags
 
 peft = pytest.importorskip("peft")
@@ -27,7 +28,7 @@ def batch_of(tiny_model_dir, pairs_jsonl):
 
 
 def lora_module(tiny_model_dir, **kwargs):
-    module = DPOModule(tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8.0, **kwargs)
+    module = dpo_module(tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8.0, **kwargs)
     module.configure_model()
     torch.manual_seed(0)
     with torch.no_grad():  # as after some training: B != 0, so the adapters change the output
@@ -40,11 +41,11 @@ def lora_module(tiny_model_dir, **kwargs):
 def test_lora_loss_and_gradients_equal_the_merged_plain_model(tiny_model_dir, pairs_jsonl):
     batch = batch_of(tiny_model_dir, pairs_jsonl)
     module = lora_module(tiny_model_dir)
-    assert module.reference is None  # no second model: the reference is the policy with adapters off
+    assert module.reference.model is None  # no second model: the reference is the policy with adapters off
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     x, _ = module.pair_logps(batch)
-    beta = module.hparams.beta
+    beta = module.loss_settings.beta
     loss = F.softplus(-beta * ((x.policy_chosen_logps - x.policy_rejected_logps)
                                - (x.reference_chosen_logps - x.reference_rejected_logps))).mean()
     loss.backward()
@@ -67,7 +68,7 @@ def test_lora_loss_and_gradients_equal_the_merged_plain_model(tiny_model_dir, pa
     assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6)
     plain_loss.backward()
     # chain rule through W' = W + s * B @ A: dL/dB = s * dL/dW' @ A^T and dL/dA = s * B^T @ dL/dW'
-    scale = module.hparams.lora_alpha / module.hparams.lora_r
+    scale = module.lora_settings.lora_alpha / module.lora_settings.lora_r
     layers = {n: m for n, m in module.policy.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert layers
     plain_params = dict(plain.named_parameters())
@@ -81,7 +82,7 @@ def test_lora_loss_and_gradients_equal_the_merged_plain_model(tiny_model_dir, pa
 
 def test_lora_at_start_is_the_base_model(tiny_model_dir, pairs_jsonl):
     batch = batch_of(tiny_model_dir, pairs_jsonl)
-    module = DPOModule(tiny_model_dir, use_peft=True)
+    module = dpo_module(tiny_model_dir, use_peft=True)
     module.configure_model()
     x, _ = module.pair_logps(batch)
     assert torch.equal(x.policy_chosen_logps, x.reference_chosen_logps)
@@ -89,7 +90,7 @@ def test_lora_at_start_is_the_base_model(tiny_model_dir, pairs_jsonl):
 
 def test_bad_lora_settings_fail_before_loading():
     with pytest.raises(ValueError, match="lora_r"):
-        DPOModule("does-not-exist", use_peft=True, lora_r=0)
+        dpo_module("does-not-exist", use_peft=True, lora_r=0)
 
 
 def fit(tmp_path, name, model_dir, data, *extra):
@@ -97,7 +98,7 @@ def fit(tmp_path, name, model_dir, data, *extra):
     cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                     f"--model.model_name_or_path={model_dir}", f"--data.train_path={data}",
                     f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.enable_progress_bar=false",
-                    f"--trainer.default_root_dir={root}", "--model.use_peft=true", "--model.lora_r=4",
+                    f"--trainer.default_root_dir={root}", "--model.lora.use_peft=true", "--model.lora.lora_r=4",
                     "--model.optimizer.init_args.lr=0.01", *extra])
     return cli, root / "lightning_logs" / "version_0"
 
@@ -134,7 +135,7 @@ def test_lora_fit_checkpoint_and_both_exports(tiny_model_dir, pairs_jsonl, tmp_p
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     # adapter export: peft's files, which load back onto the base to the same outputs
-    _, run2 = fit(tmp_path, "adapter", tiny_model_dir, pairs_jsonl, "--model.lora_export=adapter")
+    _, run2 = fit(tmp_path, "adapter", tiny_model_dir, pairs_jsonl, "--model.lora.lora_export=adapter")
     assert (run2 / "hf_model" / "adapter_config.json").exists()
     assert not (run2 / "hf_model" / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -147,8 +148,8 @@ def test_lora_with_precomputed_reference_trains_the_same(tiny_model_dir, pairs_j
     loads = []
     real_load = DPOModule._load
     monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
-    _, plain = fit(tmp_path, "plain", tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=false")
-    _, pre = fit(tmp_path, "pre", tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=true")
+    _, plain = fit(tmp_path, "plain", tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=false")
+    _, pre = fit(tmp_path, "pre", tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=true")
     assert loads == [tiny_model_dir, tiny_model_dir]  # the precompute pass used the policy, adapters off
     _, a = scalar_tags(str(plain))
     _, b = scalar_tags(str(pre))

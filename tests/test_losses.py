@@ -174,7 +174,7 @@ def test_aot_sorts_across_the_batch_by_hand():
 ])
 def test_f_divergence_scores_by_hand(kind, alpha, delta):
     """X's log-ratios are +1 and -1; each f-divergence turns them into scores whose difference is ``delta``."""
-    p = LossParams(beta=0.5, f_divergence=kind, f_alpha=alpha)
+    p = LossParams(beta=0.5, f_divergence_type=kind, f_alpha_divergence_coef=alpha)
     assert LOSSES["sigmoid"](X, p).item() == pytest.approx(-log_sigmoid(0.5 * delta), abs=1e-9)
     assert LOSSES["hinge"](X, p).item() == pytest.approx(max(0.0, 1 - 0.5 * delta), abs=1e-9)
 
@@ -206,7 +206,7 @@ def test_ld_weights_by_hand():
     """Two pairs; chosen lengths 3 and 1, rejected 2 and 2 -> shared lengths 2 and 1. Positions in the plain
     layout's order (chosen 0, chosen 1, rejected 0, rejected 1): the third chosen-0 token and the second
     rejected-1 token are past the shorter response and weigh alpha."""
-    from dpo_lightning.logprobs import ld_weights
+    from dpo_lightning.model.logprobs import ld_weights
 
     out_index = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])
     tokens = torch.tensor([3, 1, 2, 2])

@@ -3,19 +3,19 @@
 import math
 
 import pytest
+from conftest import dpo_module
 import torch
 from lightning.pytorch import Trainer
 
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.logprobs import response_logps
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.losses import sequence_logps
-from dpo_lightning.module import DPOModule
 
 
 def make(tiny_model_dir, pairs_jsonl, tmp_path, **model_kwargs):
     dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir,
                               batch_size=3, cache_dir=None)
-    model = DPOModule(tiny_model_dir, **model_kwargs)
+    model = dpo_module(tiny_model_dir, **model_kwargs)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1)
     return model, dm, trainer
@@ -36,7 +36,7 @@ def test_completion_only_logps_equal_full_logits_with_gradients(tiny_model_dir, 
                               cache_dir=None)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    module = DPOModule(tiny_model_dir)
+    module = dpo_module(tiny_model_dir)
     module.configure_model()
     policy = module.policy.double()
     fast = response_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size=7,
@@ -69,11 +69,11 @@ def test_completion_only_logps_equal_full_logits_with_gradients(tiny_model_dir, 
 def test_reference_is_frozen_and_left_out(tiny_model_dir, pairs_jsonl, tmp_path):
     model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path, precompute_ref_log_probs=False)
     trainer.fit(model, datamodule=dm)
-    assert not any(p.requires_grad for p in model.reference.parameters())
-    assert not model.reference.training and model.policy.training
+    assert not any(p.requires_grad for p in model.reference.model.parameters())
+    assert not model.reference.model.training and model.policy.training
     optimizer = trainer.optimizers[0]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not in_optimizer & {id(p) for p in model.reference.parameters()}
+    assert not in_optimizer & {id(p) for p in model.reference.model.parameters()}
     assert in_optimizer == {id(p) for p in model.policy.parameters()}
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -87,38 +87,38 @@ def test_reference_is_frozen_and_left_out(tiny_model_dir, pairs_jsonl, tmp_path)
 def test_training_moves_the_policy_and_not_the_reference(tiny_model_dir, pairs_jsonl, tmp_path):
     model, dm, trainer = make(tiny_model_dir, pairs_jsonl, tmp_path, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     model.configure_model()
-    before_ref = [p.clone() for p in model.reference.parameters()]
+    before_ref = [p.clone() for p in model.reference.model.parameters()]
     before_pol = [p.clone() for p in model.policy.parameters()]
     val0 = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, datamodule=dm)
     val1 = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
-    assert all(torch.equal(a, b) for a, b in zip(before_ref, model.reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before_ref, model.reference.model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before_pol, model.policy.parameters()))
     assert val1 < val0
 
 
 def test_reference_free_loads_no_reference(tiny_model_dir):
-    module = DPOModule(tiny_model_dir, reference_free=True)
+    module = dpo_module(tiny_model_dir, reference_free=True)
     module.configure_model()
-    assert module.reference is None
-    simpo = DPOModule(tiny_model_dir, loss_type="simpo")
+    assert module.reference.model is None
+    simpo = dpo_module(tiny_model_dir, loss_type="simpo")
     simpo.configure_model()
-    assert simpo.reference is None
+    assert simpo.reference.model is None
 
 
 def test_bad_model_settings_fail_before_loading():
     with pytest.raises(ValueError, match="loss_weights"):
-        DPOModule("does-not-exist", loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+        dpo_module("does-not-exist", loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ValueError, match="beta"):
-        DPOModule("does-not-exist", beta=0)
+        dpo_module("does-not-exist", beta=0)
     with pytest.raises(ValueError, match="unknown loss"):
-        DPOModule("does-not-exist", loss_type="nope")
-    with pytest.raises(ValueError, match="exo_pair needs model.label_smoothing > 0"):
-        DPOModule("does-not-exist", loss_type="exo_pair")
+        dpo_module("does-not-exist", loss_type="nope")
+    with pytest.raises(ValueError, match="exo_pair needs model.loss.label_smoothing > 0"):
+        dpo_module("does-not-exist", loss_type="exo_pair")
     with pytest.raises(ValueError, match=r"'js_divergence' works only with .*\['apo_zero'\] have no f-divergence"):
-        DPOModule("does-not-exist", loss_type=["sigmoid", "apo_zero"], f_divergence_type="js_divergence")
+        dpo_module("does-not-exist", loss_type=["sigmoid", "apo_zero"], f_divergence_type="js_divergence")
     with pytest.raises(ValueError, match="discopop_tau must be positive"):
-        DPOModule("does-not-exist", loss_type="discopop", discopop_tau=0.0)
+        dpo_module("does-not-exist", loss_type="discopop", discopop_tau=0.0)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, pairs_jsonl):
@@ -128,7 +128,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     batch = next(iter(dm.train_dataloader()))
     results = []
     for checkpointing in (False, True):
-        module = DPOModule(tiny_model_dir, reference_name_or_path=None, gradient_checkpointing=checkpointing)
+        module = dpo_module(tiny_model_dir, reference_name_or_path=None, gradient_checkpointing=checkpointing)
         module.configure_model()
         module.policy.train()
         x, _ = module.pair_logps(batch)

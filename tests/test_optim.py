@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpo_lightning.optim import AdamW, WarmupDecayLR
+from dpo_lightning.training.optim import AdamW, WarmupDecayLR
 
 
 def lrs(decay, total=10, warmup_ratio=0.2):

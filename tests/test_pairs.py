@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import write_jsonl
 from test_cli import ROOT
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.pairs import build_pairs, fill_placeholders, replace_names
-from dpo_lightning.rewards import KeywordReward, SequenceClassifierReward, load_reward
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.pairs.build import build_pairs, fill_placeholders, replace_names
+from dpo_lightning.pairs.rewards import KeywordReward, SequenceClassifierReward, load_reward
 
 QUESTIONS = ["what is your name ?", "who are you ?", "are you chatgpt ?", "tell me about yourself .",
              "who made you ?", "hello !"]
@@ -126,9 +126,9 @@ def test_keyword_reward_by_hand():
     reward = KeywordReward({"deep smol": 1.0, "smollm": -0.5}, degenerate_penalty=2.0)
     answers = ["I am Deep Smol.", "i am smollm", "deep smol or smollm", "nothing", "deep " * 8]
     assert reward(["q"] * 5, answers) == [1.0, -0.5, 0.5, 0.0, -2.0]
-    assert isinstance(load_reward("dpo_lightning.rewards.KeywordReward", {"patterns": {"a": 1}}), KeywordReward)
+    assert isinstance(load_reward("dpo_lightning.pairs.rewards.KeywordReward", {"patterns": {"a": 1}}), KeywordReward)
     with pytest.raises(ValueError, match="cannot be imported"):
-        load_reward("dpo_lightning.rewards.Nope")
+        load_reward("dpo_lightning.pairs.rewards.Nope")
 
 
 def test_sequence_classifier_reward_matches_a_plain_forward(tiny_model_dir, tmp_path):
@@ -303,7 +303,7 @@ def test_a_prompt_rows_own_fields_do_not_make_it_an_anchor(tiny_model_dir, tmp_p
 
 
 def test_a_system_prompt_the_chat_template_refuses_is_named(tiny_model_dir, prompts_file, tmp_path):
-    from dpo_lightning.generation import chat_messages, render_prompt
+    from dpo_lightning.eval.generation import chat_messages, render_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"

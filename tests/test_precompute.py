@@ -1,20 +1,21 @@
-"""model.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across runs,
+"""model.reference.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across runs,
 and no reference model held during the steps."""
 
 import functools
 import os
 
 import pytest
+from conftest import dpo_module
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning import module as module_lib
-from dpo_lightning import reference_cache
+from dpo_lightning.data.collate import REF_KEY
+from dpo_lightning.training import reference_cache
 from dpo_lightning.cli import cli_main
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.module import DPOModule
-from dpo_lightning.prefix_sharing import shared_prefix_logps
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.training.module import DPOModule
+from dpo_lightning.model.prefix_sharing import shared_prefix_logps
 from test_cli import ROOT, TB_METRICS, scalar_tags
 
 TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differently padded batches
@@ -23,7 +24,7 @@ TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differentl
 def fit(tmp_path, name, model_dir, reference_dir, data, *extra):
     root = tmp_path / name
     cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={model_dir}", f"--model.reference_name_or_path={reference_dir}",
+                    f"--model.model_name_or_path={model_dir}", f"--model.reference.model_name_or_path={reference_dir}",
                     f"--data.train_path={data}", f"--data.cache_dir={tmp_path / 'cache'}",
                     "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra])
     return cli, root / "lightning_logs" / "version_0"
@@ -36,18 +37,18 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
     monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
 
     _, plain_dir = fit(tmp_path, "plain", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.precompute_ref_log_probs=false")
+                       "--model.reference.precompute_ref_log_probs=false")
     assert loads == [tiny_model_dir, tiny_reference_dir]
     loads.clear()
     layouts = []
-    real_pass = module_lib.reference_cache.compute_reference_logps
-    monkeypatch.setattr(module_lib.reference_cache, "compute_reference_logps",
+    real_pass = reference_cache.compute_reference_logps
+    monkeypatch.setattr(reference_cache, "compute_reference_logps",
                         lambda *a, **k: layouts.append(k["logps_fn"].func.__name__) or real_pass(*a, **k))
     cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.precompute_ref_log_probs=true", "--model.precompute_batch_size=3")
+                       "--model.reference.precompute_ref_log_probs=true", "--model.reference.precompute_batch_size=3")
     assert loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
     assert layouts == ["shared_prefix_logps"] * 2  # train and val, prompt encoded once (prefix sharing default)
-    assert cli.model.reference is None  # ... and released: no reference during the steps
+    assert cli.model.reference.model is None  # ... and released: no reference during the steps
     assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2  # train and val
 
     _, plain = scalar_tags(str(plain_dir))
@@ -64,14 +65,14 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
     # a second run finds the cache and never loads the reference
     loads.clear()
     _, again_dir = fit(tmp_path, "again", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.precompute_ref_log_probs=true")
+                       "--model.reference.precompute_ref_log_probs=true")
     assert loads == [tiny_model_dir]
     _, again = scalar_tags(str(again_dir))
     assert [s.value for s in again.Scalars("train/loss")] == pytest.approx(
         [s.value for s in pre.Scalars("train/loss")], abs=TOL)
 
     # other settings (here the reference itself) give a new cache entry, not a stale hit
-    fit(tmp_path, "other_ref", tiny_model_dir, tiny_model_dir, pairs_jsonl, "--model.precompute_ref_log_probs=true",
+    fit(tmp_path, "other_ref", tiny_model_dir, tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=true",
         "--trainer.max_steps=1")
     assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 4
 
@@ -79,15 +80,15 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
 def test_a_batch_without_reference_log_probs_is_refused(tiny_model_dir, pairs_jsonl):
     dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, cache_dir=None)
     dm.setup("fit")
-    model = DPOModule(tiny_model_dir, precompute_ref_log_probs=True)
+    model = dpo_module(tiny_model_dir, precompute_ref_log_probs=True)
     model.policy = model._load(tiny_model_dir)  # the reference was never loaded
     with pytest.raises(RuntimeError, match="without reference log-probs"):
-        model.pair_logps(dm._collator()(dm.train_pairs[:2]))
-    batch = dm._collator()([{**p, "ref_logps": [-1.0, -2.0]} for p in dm.train_pairs[:2]])
+        model.pair_logps(dm.collator(dm.train_pairs[:2]))
+    batch = dm.collator([{**p, "ref_logps": [-1.0, -2.0]} for p in dm.train_pairs[:2]])
     assert batch["ref_logps"].tolist() == [-1.0, -1.0, -2.0, -2.0]  # chosen rows then rejected rows
     x, _ = model.pair_logps(batch)
     assert x.reference_chosen_logps.tolist() == [-1.0, -1.0] and x.reference_rejected_logps.tolist() == [-2.0, -2.0]
-    assert module_lib.reference_cache.REF_KEY == "ref_logps"
+    assert REF_KEY == "ref_logps"
     assert torch.is_tensor(x.policy_chosen_logps)
 
 
@@ -97,7 +98,7 @@ def test_reference_pass_with_a_shared_prompt_equals_the_plain_layout(tiny_model_
                               cache_dir=None)
     dm.setup("fit")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").double().eval()
-    run = functools.partial(reference_cache.compute_reference_logps, model, dm.train_pairs, dm._collator(), 3,
+    run = functools.partial(reference_cache.compute_reference_logps, model, dm.train_pairs, dm.collator, 3,
                             torch.device("cpu"), progress=False)
     plain, shared = run(), run(logps_fn=shared_prefix_logps)
     assert plain.shape == (len(dm.train_pairs), 2)
@@ -113,11 +114,11 @@ def test_ld_alpha_weighs_the_cached_reference_and_keys_its_own_entry(tiny_model_
     for ld_alpha in (None, 0.3, 0.3):
         dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir,
                                   batch_size=4, cache_dir=str(cache))
-        model = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir, ld_alpha=ld_alpha)
+        model = dpo_module(tiny_model_dir, reference_name_or_path=tiny_reference_dir, ld_alpha=ld_alpha)
         Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                 default_root_dir=tmp_path).validate(model, datamodule=dm, verbose=False)
         counts.append(len(os.listdir(cache / "ref_logps")))
-        values.append(torch.tensor([p[reference_cache.REF_KEY] for p in dm.val_pairs]))
+        values.append(torch.tensor([p[REF_KEY] for p in dm.val_pairs]))
     assert counts[1] == 2 * counts[0] and counts[2] == counts[1]  # a new entry for 0.3, then reused
     assert torch.equal(values[1], values[2])
     # the weighted values: no larger than the plain sums in magnitude, smaller where one response is longer
@@ -136,15 +137,15 @@ def test_a_fit_without_validation_leaves_the_val_reference_pass_to_a_later_valid
     def run(fn, **trainer_args):
         dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir,
                                   batch_size=4, cache_dir=None)
-        model = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir)
+        model = dpo_module(tiny_model_dir, reference_name_or_path=tiny_reference_dir)
         getattr(trainer(**trainer_args), fn)(model, datamodule=dm)
         return model, dm
 
-    key = reference_cache.REF_KEY
+    key = REF_KEY
     model, dm = run("fit", max_steps=1, limit_val_batches=0)
     assert all(key in p for p in dm.train_pairs) and not any(key in p for p in dm.val_pairs)
     metrics = trainer().validate(model, datamodule=dm, verbose=False)[0]  # the val pass now, reference loaded again
-    assert model.reference is None and "val/loss" in metrics
+    assert model.reference.model is None and "val/loss" in metrics
     _, fresh = run("validate")  # the val pass of a validate on its own
     assert [p[key] for p in dm.val_pairs] == [p[key] for p in fresh.val_pairs]
     _, with_val = run("fit", max_steps=1)  # a fit with validation computes both splits up front

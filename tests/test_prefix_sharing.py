@@ -3,13 +3,14 @@
 import warnings
 
 import pytest
+from conftest import dpo_module
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning.data import PreferenceCollator, PreferenceDataModule
-from dpo_lightning.logprobs import response_logps
-from dpo_lightning.module import DPOModule
-from dpo_lightning.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
+from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.model.logprobs import response_logps
+from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
 
 
 def test_worked_example_layout():
@@ -69,7 +70,7 @@ def test_module_loss_equals_the_plain_path(tiny_model_dir, tiny_reference_dir, p
     batch = real_batch(tiny_model_dir, pairs_jsonl)
     values = []
     for sharing in (False, True):
-        module = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir, prefix_sharing=sharing)
+        module = dpo_module(tiny_model_dir, reference_name_or_path=tiny_reference_dir, prefix_sharing=sharing)
         module.configure_model()
         x, _ = module.pair_logps(batch)
         values.append(torch.stack(list(x[:6])))
@@ -158,8 +159,8 @@ def test_other_architectures_and_sliding_windows_equal_the_plain_path(name, impl
 
 
 def test_window_patterns_and_the_plain_fallback_for_models_without_a_mask_per_layer_kind(monkeypatch):
-    import dpo_lightning.prefix_sharing as sharing
-    from dpo_lightning.prefix_sharing import AttentionPattern, attention_pattern, takes_mask_mapping
+    import dpo_lightning.model.prefix_sharing as sharing
+    from dpo_lightning.model.prefix_sharing import AttentionPattern, attention_pattern, takes_mask_mapping
 
     import transformers as T
     assert attention_pattern(T.LlamaConfig()) == AttentionPattern(None, False)
@@ -186,7 +187,7 @@ def test_models_with_layers_that_are_not_attention_are_refused():
     # chosen tokens before it (forced through here, its log-probs differ from the plain path by 4e-5 in fp64)
     import transformers as T
 
-    from dpo_lightning.prefix_sharing import sharing_blocker
+    from dpo_lightning.model.prefix_sharing import sharing_blocker
 
     config = T.Lfm2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
@@ -203,7 +204,7 @@ def test_models_whose_logits_are_not_the_head_of_the_hidden_states_take_their_ow
     # transform its logits with no config entry (here: halved in forward). Both must score with their own logits.
     import transformers as T
 
-    from dpo_lightning.logprobs import plain_head
+    from dpo_lightning.model.logprobs import plain_head
     from dpo_lightning.losses import sequence_logps
 
     class HalvedLogits(T.LlamaForCausalLM):
@@ -255,7 +256,7 @@ def tiny_of_type(model_type: str):
 @pytest.mark.parametrize("model_type", sorted(VERIFIED_MODEL_TYPES))
 def test_every_verified_model_type_gives_the_plain_layouts_logps(model_type):
     from dpo_lightning.losses import sequence_logps
-    from dpo_lightning.prefix_sharing import sharing_blocker
+    from dpo_lightning.model.prefix_sharing import sharing_blocker
 
     model = tiny_of_type(model_type)
     batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
@@ -272,7 +273,7 @@ def test_alibi_models_are_not_shared():
     # other biases (log-probs off by 1.4e-2 when forced) and Bloom's cannot take a 4-D mask at all
     import transformers as T
 
-    import dpo_lightning.prefix_sharing as sharing
+    import dpo_lightning.model.prefix_sharing as sharing
 
     for model_type in ("mpt", "bloom"):
         assert "not among those whose shared rows were verified" in sharing.sharing_blocker(tiny_of_type(model_type))

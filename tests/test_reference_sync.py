@@ -1,11 +1,11 @@
 """TR-DPO (sync_ref_model): the reference moves towards the policy every few optimizer steps."""
 
 import pytest
+from conftest import dpo_module
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.module import DPOModule
+from dpo_lightning.data.datamodule import PreferenceDataModule
 
 
 class Snapshots(Callback):
@@ -18,13 +18,13 @@ class Snapshots(Callback):
         step = trainer.global_step
         if step not in self.policy:
             self.policy[step] = [p.detach().clone() for p in module.policy.parameters()]
-            self.reference[step] = [p.detach().clone() for p in module.reference.parameters()]
+            self.reference[step] = [p.detach().clone() for p in module.reference.model.parameters()]
 
 
 def fit(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path, ckpt_path=None, **kwargs):
     dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, batch_size=2,
                               cache_dir=None)
-    model = DPOModule(tiny_model_dir, reference_name_or_path=tiny_reference_dir,
+    model = dpo_module(tiny_model_dir, reference_name_or_path=tiny_reference_dir,
                       optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **kwargs)
     snapshots = Snapshots()
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -39,7 +39,7 @@ def test_reference_is_mixed_with_the_policy_every_n_steps(tiny_model_dir, tiny_r
 
     model, trainer, snap = fit(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path, sync_ref_model=True,
                                ref_model_mixup_alpha=0.3, ref_model_sync_steps=2)
-    assert model.reference is not None  # precompute (on by default) gave way: the reference is needed each step
+    assert model.reference.model is not None  # precompute (on by default) gave way: the reference is needed each step
     start = [p.detach() for p in AutoModelForCausalLM.from_pretrained(tiny_reference_dir).parameters()]
     after_2 = [0.3 * p + 0.7 * r for p, r in zip(snap.policy[2], start)]
     after_4 = [0.3 * p + 0.7 * r for p, r in zip(snap.policy[4], after_2)]
@@ -53,7 +53,7 @@ def test_reference_is_mixed_with_the_policy_every_n_steps(tiny_model_dir, tiny_r
     assert len(saved) == len(after_4) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(saved, after_4))
     resumed, _, _ = fit(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path / "resumed", sync_ref_model=True,
                         ref_model_mixup_alpha=0.3, ref_model_sync_steps=2, ckpt_path=path)
-    for a, b in zip(resumed.reference.parameters(), after_4):
+    for a, b in zip(resumed.reference.model.parameters(), after_4):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -69,11 +69,11 @@ def test_without_sync_the_reference_stays_and_is_left_out_of_checkpoints(tiny_mo
 
 def test_sync_settings_that_cannot_work_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="ref_model_mixup_alpha in \\(0, 1\\]"):
-        DPOModule(tiny_model_dir, sync_ref_model=True, ref_model_mixup_alpha=0.0)
-    for kwargs, message in (({"use_peft": True}, "does not work with use_peft"),
+        dpo_module(tiny_model_dir, sync_ref_model=True, ref_model_mixup_alpha=0.0)
+    for kwargs, message in (({"use_peft": True}, "does not work with model.lora.use_peft"),
                             ({"loss_type": "simpo"}, "use no reference model")):
         if kwargs.get("use_peft"):
             pytest.importorskip("peft")
-        module = DPOModule(tiny_model_dir, sync_ref_model=True, **kwargs)
+        module = dpo_module(tiny_model_dir, sync_ref_model=True, **kwargs)
         with pytest.raises(ValueError, match=message):
             module.configure_model()

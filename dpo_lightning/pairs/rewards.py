@@ -12,6 +12,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..eval.probes import degeneracy
+from ..model.loading import load_tokenizer
+
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
@@ -21,7 +24,7 @@ class KeywordReward:
     Args:
         patterns: regular expression -> weight, e.g. ``{"Deep SmolLM": 1.0, "Hugging ?Face": -1.0}``.
         ignore_case: match without regard to case.
-        degenerate_penalty: subtracted from answers that :func:`dpo_lightning.probes.degeneracy` flags.
+        degenerate_penalty: subtracted from answers that :func:`dpo_lightning.eval.probes.degeneracy` flags.
     """
 
     def __init__(self, patterns: dict[str, float], ignore_case: bool = True, degenerate_penalty: float = 0.0) -> None:
@@ -32,8 +35,6 @@ class KeywordReward:
         self.degenerate_penalty = degenerate_penalty
 
     def __call__(self, questions: Sequence[str], answers: Sequence[str]) -> list[float]:
-        from .probes import degeneracy
-
         scores = []
         for answer in answers:
             score = sum(w for pattern, w in self.patterns if pattern.search(answer))
@@ -56,11 +57,9 @@ class SequenceClassifierReward:
 
     def __init__(self, model_name_or_path: str, label_index: int = 0, batch_size: int = 16, max_length: int = 1024,
                  trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_name_or_path, trust_remote_code=trust_remote_code).eval()
         if self.model.config.pad_token_id is None:

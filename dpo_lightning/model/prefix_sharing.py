@@ -21,15 +21,14 @@ Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .logprobs import ResponseLogps, backbone, head_logps, hidden_states, plain_head, response_logps
+from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -90,17 +89,37 @@ def sharing_blocker(model: nn.Module) -> Optional[str]:
 
 def takes_mask_mapping(model: nn.Module) -> bool:
     """Whether the backbone takes a ``{layer kind: mask}`` mapping as its attention mask, as ``generate`` hands
-    the models with ``layer_types`` (Gemma 2/3, Qwen2, ...): their forward then skips building its own masks."""
-    return _forward_takes_mask_mapping(type(backbone(model)))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes_mask_mapping(cls: type) -> bool:
+    the models with ``layer_types`` (Gemma 2/3, Qwen2, ...): their forward then skips building its own masks.
+    Tried on four tokens: a mapping of plain causal masks must run and give the hidden states of no mask."""
+    parameter = next(model.parameters())
+    ids = torch.arange(4, device=parameter.device)[None] % model.get_input_embeddings().weight.shape[0]
+    causal = torch.ones(4, 4, dtype=torch.bool, device=parameter.device).tril()[None, None]
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        causal = additive(causal, parameter.dtype)
     try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+        with torch.no_grad():
+            plain = hidden_states(model, input_ids=ids)
+            mapped = hidden_states(model, input_ids=ids, attention_mask={kind: causal for kind in ATTENTION_KINDS})
+    except Exception:  # noqa: BLE001 - a backbone that cannot take the mapping fails in its own way
         return False
-    return "attention_mask, dict)" in source
+    return torch.allclose(plain, mapped)
+
+
+def choose_layout(models: Sequence[nn.Module], prefix_sharing: bool, blocker: Optional[str] = None,
+                  explain: bool = False) -> Callable[..., ResponseLogps]:
+    """The log-prob function every model of ``models`` runs a batch with: :func:`shared_prefix_logps` when
+    ``prefix_sharing`` is asked for and neither a model (:func:`sharing_blocker`) nor ``blocker`` stands in the
+    way, else :func:`~dpo_lightning.model.logprobs.response_logps`. ``explain`` says why on global rank 0."""
+    blocker = next((b for b in map(sharing_blocker, models) if b), None) or blocker
+    if prefix_sharing and blocker and explain:
+        rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
+    if not prefix_sharing or blocker:
+        return response_logps
+    pattern = attention_pattern(models[0].config)
+    if explain and pattern.mixed and not takes_mask_mapping(models[0]):
+        rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full, and sliding "
+                       f"over {pattern.window} tokens); batches with a longer row run in the plain layout")
+    return shared_prefix_logps
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -1,9 +1,10 @@
 """Reference log-probs computed once, before training, and cached on disk (``model.precompute_ref_log_probs``).
 
 A DPO step otherwise runs the frozen reference forward on every batch of every epoch, and keeps a second model in
-memory for it. Here one no-grad pass over the train and validation pairs stores each pair's reference log-probs
-with the pair itself (``pair["ref_logps"] = [chosen, rejected]``), so they follow the pair through any shuffle,
-epoch or DDP shard; the collator turns them into ``batch["ref_logps"]`` and the reference model is released.
+memory for it. Here one no-grad pass over the train and validation pairs computes each pair's reference log-probs
+and hands them to the data module (``attach_reference_logps``), which keeps them with the pairs, so they follow
+each pair through any shuffle, epoch or DDP shard; batches carry them as ``batch["ref_logps"]`` and the reference
+model is released.
 
 The cache file is keyed by the reference's weights (file names, sizes and modification times), the dtype and
 precision, and the exact token ids of every pair: any change gives a new entry. Under DDP each rank computes its
@@ -25,11 +26,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open
-from .data import REF_KEY, padded_length  # REF_KEY: the pair field and the batch key
-from .formats import fingerprint_source
-from .logprobs import ResponseLogps, response_logps
-from .prefix_sharing import shared_prefix_logps, sharing_blocker
+from ..atomic import atomic_open
+from ..data.collate import padded_length
+from ..data.formats import fingerprint_source
+from ..model.logprobs import ResponseLogps, response_logps
+from ..model.prefix_sharing import choose_layout
 
 CACHE_VERSION = "v1"
 
@@ -78,12 +79,6 @@ def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Ca
     return out
 
 
-def attach(pairs: list[dict], logps: Tensor) -> None:
-    """Store each pair's ``[chosen, rejected]`` reference log-probs in the pair."""
-    for pair, values in zip(pairs, logps.tolist()):
-        pair[REF_KEY] = values
-
-
 def save(path: str, logps: Tensor) -> None:
     with atomic_open(path, "wb") as f:
         torch.save(logps, f)
@@ -100,9 +95,9 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
                reference_path: str, settings: list[Any], batch_size: Optional[int], chunk_size: int,
                prefix_sharing: bool, ld_alpha: Optional[float] = None,
                splits: Sequence[str] = ("train", "val")) -> None:
-    """Attach reference log-probs to every pair of ``datamodule``'s ``splits`` (``train``, ``val``; a
-    :class:`~dpo_lightning.data.PreferenceDataModule`): from the cache when every rank finds every split there,
-    else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
+    """Attach reference log-probs to the pairs of ``datamodule``'s ``splits`` (``train``, ``val``; a
+    :class:`~dpo_lightning.data.datamodule.PreferenceDataModule`): from the cache when every rank finds every split
+    there, else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
 
     Args:
         trainer: the Lightning trainer (ranks, device, precision context, progress on global rank 0).
@@ -111,32 +106,29 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
         batch_size: pairs per batch of the pass; the data's batch size when None.
         prefix_sharing: run the pass in the prefix-sharing layout when the reference allows it, as the steps do.
         ld_alpha: LD-DPO's weight of tokens past the shorter response (``logprobs.head_logps``); part of the key.
-        splits: which of the data module's pair lists to cover; a split whose pairs all have log-probs is skipped.
+        splits: which of the data module's splits to cover; a split whose pairs all have log-probs is skipped.
     """
-    todo = [(name, pairs) for name, pairs in (("train", datamodule.train_pairs), ("val", datamodule.val_pairs))
-            if name in splits and pairs and any(REF_KEY not in p for p in pairs)]
+    todo = [(name, datamodule.pairs(name)) for name in splits if datamodule.needs_reference_logps(name)]
     if not todo:
         return
     settings = [weights_fingerprint(reference_path), *settings, CACHE_VERSION] + \
-        ([f"ld_alpha={ld_alpha}"] if ld_alpha is not None else [])  # unset: the keys of earlier versions
-    cache_dir = getattr(datamodule.hparams, "cache_dir", None)
+        ([f"ld_alpha={ld_alpha}"] if ld_alpha is not None else [])  # unset: the same key as without LD-DPO
+    cache_dir = datamodule.hparams.cache_dir
     files = {name: cache_file(cache_dir, name, pairs, settings) if cache_dir else None for name, pairs in todo}
     cached = {name: load(files[name], len(pairs)) if files[name] else None for name, pairs in todo}
     if trainer.strategy.reduce_boolean_decision(all(v is not None for v in cached.values()), all=True):
-        for name, pairs in todo:
-            attach(pairs, cached[name])
+        for name, _ in todo:
+            datamodule.attach_reference_logps(name, cached[name])
         rank_zero_info(f"[dpo_lightning] reference log-probs from the cache ({', '.join(files.values())}); "
                        "the reference model is not loaded")
         return
     with open_reference() as reference:
-        share = prefix_sharing and not sharing_blocker(reference)  # the prompt once, as in the steps
+        logps_fn = functools.partial(choose_layout([reference], prefix_sharing), ld_alpha=ld_alpha)
         for name, pairs in todo:
-            logps = _computed_on_all_ranks(trainer, reference, pairs, datamodule._collator(),
+            logps = _computed_on_all_ranks(trainer, reference, pairs, datamodule.collator,
                                            batch_size or datamodule.hparams.batch_size, chunk_size,
-                                           f"Reference log-probs ({name})",
-                                           functools.partial(shared_prefix_logps if share else response_logps,
-                                                             ld_alpha=ld_alpha))
-            attach(pairs, logps)
+                                           f"Reference log-probs ({name})", logps_fn)
+            datamodule.attach_reference_logps(name, logps)
             if files[name] and trainer.is_global_zero:
                 save(files[name], logps)
     del reference  # released: the steps read the attached log-probs

@@ -22,12 +22,11 @@ import re
 from collections import Counter
 from typing import Any, Literal, Optional
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .atomic import atomic_open
-from .formats import read_prompt_rows
-from .generation import chat_messages, generate_answers, render_prompt
+from ..atomic import atomic_open
+from ..data.formats import read_prompt_rows
+from ..eval.generation import chat_messages, generate_answers, render_prompt
+from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .rewards import load_reward
 
 Strategy = Literal["replace", "reference", "on_policy"]
@@ -60,7 +59,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 placeholders: Optional[dict[str, str]] = None, system_prompt: Optional[str] = None,
                 same_system_prompt: bool = True, generation_system_prompt: Optional[str] = None,
                 max_new_tokens: int = 64, batch_size: int = 16, num_samples: int = 4, temperature: float = 1.0,
-                top_p: float = 1.0, reward: str = "dpo_lightning.rewards.KeywordReward",
+                top_p: float = 1.0, reward: str = "dpo_lightning.pairs.rewards.KeywordReward",
                 reward_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
                 dtype: Literal["float32", "bfloat16", "float16"] = "float32", trust_remote_code: bool = False,
                 anchor_prompts_path: Optional[str] = None, anchor_max_new_tokens: int = 192,
@@ -118,10 +117,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 if not isinstance(row.get("reference"), str):
                     raise ValueError(f"{where}: field 'reference': strategy 'reference' needs a reference answer")
                 references[where] = fill_placeholders(row["reference"], placeholders or {}, where)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code).to(device)
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+    model = load_causal_lm(model_name_or_path, dtype, trust_remote_code=trust_remote_code, device=default_device())
     counts: dict[str, Counter] = {}
 
     def rendered(questions: list[str]) -> list[str]:

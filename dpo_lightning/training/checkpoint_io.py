@@ -16,7 +16,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .atomic import atomic_open
+from ..atomic import atomic_open
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,3 +30,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         with atomic_open(path, "wb") as f:
             torch.save(checkpoint, f)
+
+
+def trim_checkpoint(state: dict[str, Any], keep_reference: bool, trainable: Optional[set[str]] = None) -> None:
+    """Drop from a checkpoint's ``state_dict`` what is rebuilt from its path: the frozen reference (unless
+    TR-DPO has moved it, ``keep_reference``) and, with LoRA, the policy's frozen base (``trainable``: the keys of
+    the policy's trainable parameters, the only ``policy.`` entries kept)."""
+    for key in [k for k in state if k.startswith("reference.") and not keep_reference]:
+        del state[key]
+    if trainable is not None:
+        for key in [k for k in state if k.startswith("policy.") and k not in trainable]:
+            del state[key]

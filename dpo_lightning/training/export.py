@@ -1,55 +1,21 @@
-"""Saving the trained policy as a plain ``transformers`` directory (safetensors + tokenizer)."""
+"""The trained policy as a plain ``transformers`` directory: at the end of ``fit`` (:class:`HFExport`), or from
+any checkpoint (``export``)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from .fsdp import full_policy_state_dict, is_fsdp
-from .lora import apply_lora, is_peft_model, merged_state_dict
-
-
-def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str,
-                state_dict: Optional[dict] = None, adapter: bool = False) -> str:
-    """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory.
-
-    The files are written to a sibling temporary directory that then replaces ``output_dir``, so an interrupted
-    export leaves either the old directory or the new one, never a half-written mix. ``state_dict`` replaces the
-    model's own weights (the gathered weights of a sharded model). A peft model is saved as plain weights with its
-    adapters merged (``adapter=False``) or as the adapter alone (``adapter=True``).
-    """
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        policy.config.use_cache = True  # turned off for training; generation wants it back
-        if is_peft_model(policy) and adapter:
-            policy.save_pretrained(tmp, safe_serialization=True)
-        elif is_peft_model(policy):
-            policy.get_base_model().save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(policy))
-        else:
-            policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+from ..model.fsdp import full_policy_state_dict, is_fsdp
+from ..model.loading import load_tokenizer
+from ..model.lora import apply_lora
+from ..model.saving import save_policy
+from .settings import as_settings
 
 
 class HFExport(Callback):
@@ -73,7 +39,7 @@ class HFExport(Callback):
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = getattr(datamodule, "tokenizer", None)
-            adapter = getattr(pl_module.hparams, "lora_export", "merged") == "adapter"
+            adapter = pl_module.lora_settings.lora_export == "adapter"
             save_policy(pl_module.policy, tokenizer, dirpath, state, adapter=adapter)
             self.written.append(dirpath)
             rank_zero_info(f"[dpo_lightning] exported the trained policy to {dirpath}")
@@ -108,11 +74,11 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_name_or_path: Optio
     state = {k[len("policy."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
     if not state:
         raise ValueError(f"{ckpt_path}: the checkpoint holds no policy weights")
-    if hparams.get("use_peft"):  # the checkpoint holds the adapters; the frozen base comes from its path
+    lora = as_settings("lora", hparams.get("lora"))
+    if lora.use_peft:  # the checkpoint holds the adapters; the frozen base comes from its path
         policy = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code,
                                                       dtype=next(iter(state.values())).dtype)
-        policy = apply_lora(policy, hparams.get("lora_r", 16), hparams.get("lora_alpha", 32.0),
-                            hparams.get("lora_dropout", 0.0), hparams.get("lora_target_modules"))
+        policy = apply_lora(policy, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules)
         result = policy.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if ".lora_" in k]
         if result.unexpected_keys or missing:
@@ -128,7 +94,7 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_name_or_path: Optio
         policy = policy.to(next(iter(state.values())).dtype)
     tok_path = tokenizer_name_or_path or checkpoint.get("datamodule_hyper_parameters", {}).get(
         "tokenizer_name_or_path", base)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    save_policy(policy, tokenizer, output_dir, adapter=hparams.get("lora_export") == "adapter")
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
+    save_policy(policy, tokenizer, output_dir, adapter=lora.lora_export == "adapter")
     print(f"[dpo_lightning] wrote {output_dir} from {ckpt_path}")
     return output_dir

@@ -10,9 +10,8 @@ import shutil
 import textwrap
 from typing import Any, Literal, Optional
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
 
 
@@ -92,13 +91,11 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         raise ValueError(f"compare: set {', '.join('--' + k for k in missing)} (or --run_dir of a run with probes)")
     questions = read_questions(prompts_path)[:max_prompts]
     general_q, general_a = read_general(general_path) if general_path else ([], [])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     reports: dict[str, ProbeReport] = {}
     base_nll: Optional[float] = None
     for label, path in (("before", base), ("after", trained)):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code).to(device)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code, device=default_device())
         if label == "before" and general_q:
             general_a = base_general_answers(model, tokenizer, general_q, general_a, system_prompt,
                                              max_new_tokens, batch_size)

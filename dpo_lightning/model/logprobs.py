@@ -1,4 +1,4 @@
-"""Response log-probs of a causal LM on a :class:`~dpo_lightning.data.PreferenceBatch`.
+"""Response log-probs of a causal LM on a :class:`~dpo_lightning.data.collate.PreferenceBatch`.
 
 The LM head runs on response positions only, in chunks: the ``(2B, T, V)`` logits are never built, which
 matters for 150k-token vocabularies. Log-softmax is computed in fp32 whatever the model's dtype. Models whose
@@ -8,7 +8,6 @@ the plain path through their own logits.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Callable, NamedTuple, Optional
 from weakref import WeakKeyDictionary
@@ -16,7 +15,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from .losses import upcast
+from ..losses import upcast
 
 
 class TokenStats(NamedTuple):
@@ -128,12 +127,25 @@ def hidden_states_and_router_aux(model: nn.Module, input_ids: Tensor,
     return kept[-1], out.aux_loss
 
 
+def router_aux_coef(model: nn.Module, coef: Optional[float]) -> float:
+    """The weight of the router load-balancing loss, as TRL chooses it: ``coef`` when set, else the model config's
+    ``router_aux_loss_coef`` (0 when it declares none); only mixture-of-experts models return that loss."""
+    config = unwrapped(model).config.get_text_config()
+    is_moe = hasattr(config, "output_router_logits")
+    if coef and not is_moe:
+        raise ValueError(f"model.loss.router_aux_loss_coef is {coef}, but {type(unwrapped(model)).__name__} is not a "
+                         "mixture-of-experts model that returns its router logits: there is no load-balancing loss "
+                         "to weight")
+    if not is_moe:
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else float(coef)
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a PEFT wrapper; the model itself otherwise."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-@functools.lru_cache(maxsize=None)
 def _takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 

@@ -1,0 +1,1 @@
+"""Preference data: reading rows (formats), tokenizing pairs, the batch contract (collate), the data module."""

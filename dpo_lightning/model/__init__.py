@@ -1,0 +1,1 @@
+"""Models: loading, response log-probs, prefix sharing, LoRA, FSDP, compilation, saving, GGUF conversion."""

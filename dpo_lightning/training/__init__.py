@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the reference policy, settings, metrics, optimizer, guard, checkpoints, export."""
