@@ -11,11 +11,12 @@ import json
 from itertools import zip_longest
 
 import pytest
-from conftest import PAIRS, write_jsonl
 from transformers import AutoTokenizer
 
 from dpo_lightning.data.datamodule import PreferenceDataModule, tokenize_rows
 from dpo_lightning.data.formats import PreferenceDataError
+
+from conftest import PAIRS, write_jsonl
 
 GOOD = [json.dumps({"prompt": p, "chosen": c, "rejected": r}).encode() for p, c, r in PAIRS]
 

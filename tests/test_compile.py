@@ -1,11 +1,12 @@
 """model.compile.torch_compile: compiled decoder layers give the eager loss and gradients."""
 
 import torch
-from conftest import dpo_module
 
-from dpo_lightning.model.compile import decoder_layers
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import dpo_loss
+from dpo_lightning.model.compile import decoder_layers
+
+from conftest import dpo_module
 
 
 def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tiny_reference_dir, pairs_jsonl):

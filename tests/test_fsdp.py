@@ -10,17 +10,18 @@ import socket
 import types
 
 import pytest
-from conftest import dpo_module
 import torch
 import torch.multiprocessing as mp
+from test_cli import ROOT
 
 from dpo_lightning.cli import DPOLightningCLI
 from dpo_lightning.data.datamodule import PreferenceDataModule
-from dpo_lightning.model.fsdp import DecoderLayerPolicy, full_policy_state_dict, is_fsdp
-from dpo_lightning.losses import LOSSES, LossParams
-from dpo_lightning.training.module import DPOModule
 from dpo_lightning.eval.callback import GenerationProbes
-from test_cli import ROOT
+from dpo_lightning.losses import LOSSES, LossParams
+from dpo_lightning.model.fsdp import DecoderLayerPolicy, full_policy_state_dict, is_fsdp
+from dpo_lightning.training.module import DPOModule
+
+from conftest import dpo_module
 
 TOL = 1e-5
 

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 from lightning.pytorch import Callback
+from test_cli import ROOT
 
 from dpo_lightning.cli import cli_main
 from dpo_lightning.training.guard import first_nonfinite_grad
-from test_cli import ROOT
 
 
 class PoisonGradient(Callback):

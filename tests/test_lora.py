@@ -4,10 +4,10 @@ merged plain weights or the adapter alone."""
 import os
 
 import pytest
-from conftest import dpo_module
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_cli import ROOT, scalar_tags
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning.cli import cli_main
@@ -15,7 +15,8 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.lora import merged_state_dict
 from dpo_lightning.training.module import DPOModule
-from test_cli import ROOT, scalar_tags
+
+from conftest import dpo_module
 
 peft = pytest.importorskip("peft")
 

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 from lightning.pytorch import Callback
+from test_cli import ROOT
 
 from dpo_lightning.cli import cli_main
-from test_cli import ROOT
 
 
 def fp16_plugin(init_scale: float = 2.0 ** 16) -> str:

@@ -3,13 +3,14 @@
 import math
 
 import pytest
-from conftest import dpo_module
 import torch
 from lightning.pytorch import Trainer
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
-from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.losses import sequence_logps
+from dpo_lightning.model.logprobs import response_logps
+
+from conftest import dpo_module
 
 
 def make(tiny_model_dir, pairs_jsonl, tmp_path, **model_kwargs):

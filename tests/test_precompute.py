@@ -5,18 +5,19 @@ import functools
 import os
 
 import pytest
-from conftest import dpo_module
 import torch
 from safetensors.torch import load_file
+from test_cli import ROOT, TB_METRICS, scalar_tags
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning.data.collate import REF_KEY
-from dpo_lightning.training import reference_cache
 from dpo_lightning.cli import cli_main
+from dpo_lightning.data.collate import REF_KEY
 from dpo_lightning.data.datamodule import PreferenceDataModule
-from dpo_lightning.training.module import DPOModule
 from dpo_lightning.model.prefix_sharing import shared_prefix_logps
-from test_cli import ROOT, TB_METRICS, scalar_tags
+from dpo_lightning.training import reference_cache
+from dpo_lightning.training.module import DPOModule
+
+from conftest import dpo_module
 
 TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differently padded batches
 

@@ -3,7 +3,6 @@
 import warnings
 
 import pytest
-from conftest import dpo_module
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -11,6 +10,8 @@ from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
+
+from conftest import dpo_module
 
 
 def test_worked_example_layout():
@@ -92,8 +93,9 @@ def test_unsupported_attention_and_unshared_prompts_are_refused(tiny_model_dir, 
 def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir, pairs_jsonl, tmp_path):
     import os
 
-    from dpo_lightning.cli import cli_main
     from test_cli import ROOT
+
+    from dpo_lightning.cli import cli_main
 
     metrics = []
     for sharing in ("false", "true"):
@@ -159,10 +161,10 @@ def test_other_architectures_and_sliding_windows_equal_the_plain_path(name, impl
 
 
 def test_window_patterns_and_the_plain_fallback_for_models_without_a_mask_per_layer_kind(monkeypatch):
+    import transformers as T
+
     import dpo_lightning.model.prefix_sharing as sharing
     from dpo_lightning.model.prefix_sharing import AttentionPattern, attention_pattern, takes_mask_mapping
-
-    import transformers as T
     assert attention_pattern(T.LlamaConfig()) == AttentionPattern(None, False)
     assert attention_pattern(T.Qwen2Config()) == AttentionPattern(None, False)  # Qwen2.5: use_sliding_window false
     assert attention_pattern(T.MistralConfig(sliding_window=4096)) == AttentionPattern(4096, False)
@@ -204,8 +206,8 @@ def test_models_whose_logits_are_not_the_head_of_the_hidden_states_take_their_ow
     # transform its logits with no config entry (here: halved in forward). Both must score with their own logits.
     import transformers as T
 
-    from dpo_lightning.model.logprobs import plain_head
     from dpo_lightning.losses import sequence_logps
+    from dpo_lightning.model.logprobs import plain_head
 
     class HalvedLogits(T.LlamaForCausalLM):
         def forward(self, *args, **kwargs):

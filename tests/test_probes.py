@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import write_jsonl
 from dpo_lightning.eval.compare import compare
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.eval.probes import ProbeReport, answer_nll, degeneracy, mentions
+
+from conftest import write_jsonl
 
 DEGENERATE = [
     "",
@@ -116,9 +117,10 @@ def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, 
 
 def test_probe_base_is_the_reference_in_validate_and_never_measured_without_validation(tiny_model_dir, pairs_jsonl,
                                                                                        tmp_path, monkeypatch):
-    from dpo_lightning.eval import callback as probe_callback
-    from dpo_lightning.cli import cli_main
     from test_cli import ROOT, scalar_tags
+
+    from dpo_lightning.cli import cli_main
+    from dpo_lightning.eval import callback as probe_callback
 
     measured = []  # one entry per base measurement (the base's greedy answers to the general prompts)
     real = probe_callback.base_general_answers

@@ -7,11 +7,12 @@ import os
 
 import pytest
 import torch
+from test_cli import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import WORDS, write_jsonl
-from test_cli import ROOT
 from dpo_lightning.cli import cli_main
+
+from conftest import WORDS, write_jsonl
 
 DEFAULT_SYSTEM = "you are Qwen , made by the cloud team . you are a helpful assistant ."
 # Qwen2.5's layout without tools: ChatML, and its own system message when the conversation has none

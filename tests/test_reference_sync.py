@@ -1,11 +1,12 @@
 """TR-DPO (sync_ref_model): the reference moves towards the policy every few optimizer steps."""
 
 import pytest
-from conftest import dpo_module
 import torch
 from lightning.pytorch import Callback, Trainer
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
+
+from conftest import dpo_module
 
 
 class Snapshots(Callback):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
+from test_cli import ROOT, scalar_tags
 
 from dpo_lightning.cli import cli_main
-from test_cli import ROOT, scalar_tags
 
 
 class KillAt(Callback):

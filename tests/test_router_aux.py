@@ -6,10 +6,11 @@ TRL's DPOTrainer adds ``router_aux_loss_coef x aux_loss`` for every model whose 
 
 import pytest
 import torch
-from conftest import dpo_module, build_tokenizer, conversational_rows
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import sequence_logps
+
+from conftest import build_tokenizer, conversational_rows, dpo_module
 
 
 def moe_config(model_type: str, vocab_size: int, coef: float):

@@ -7,18 +7,18 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import ROOT
 
 import dpo_lightning.training.checkpoint_io as checkpoint_io
+from dpo_lightning.cli import cli_main
 from dpo_lightning.data import datamodule
 from dpo_lightning.eval import compare
 from dpo_lightning.model import loading
+from dpo_lightning.model.saving import save_policy
 from dpo_lightning.pairs import build, rewards
 from dpo_lightning.training import export, module
 from dpo_lightning.training.checkpoint_io import AtomicCheckpointIO
-from dpo_lightning.cli import cli_main
-from dpo_lightning.model.saving import save_policy
 from dpo_lightning.training.export import export_checkpoint
-from test_cli import ROOT
 
 
 def fit_args(tmp_path, model_dir, data_path, *extra):

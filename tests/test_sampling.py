@@ -7,8 +7,8 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.model.prefix_sharing import shared_layout
 from dpo_lightning.data.sampling import EpochShuffleSampler, padding_fraction
+from dpo_lightning.model.prefix_sharing import shared_layout
 
 
 @pytest.mark.parametrize("size,world", [(10, 1), (10, 3), (7, 2), (1, 4)])

@@ -5,10 +5,11 @@ comparison turns that off so both sides compute in fp32.
 """
 
 import pytest
-from conftest import dpo_module, conversational_rows
 from lightning.pytorch import Trainer
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
+
+from conftest import conversational_rows, dpo_module
 
 trl = pytest.importorskip("trl")
 

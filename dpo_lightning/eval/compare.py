@@ -10,7 +10,6 @@ import shutil
 import textwrap
 from typing import Any, Literal, Optional
 
-
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
 

@@ -10,15 +10,14 @@ from typing import Optional, Sequence
 
 import torch
 from jinja2.exceptions import TemplateError  # chat templates are jinja2 (a torch dependency)
-from tqdm.auto import tqdm
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..data.collate import pad_sequences
 from ..data.formats import Messages
 from ..model.loading import pad_token_id
-
 
 DROP_SEGMENT = 16  # new tokens per generate call between drops of ended rows (greedy_dropping_finished)
 MIN_ROWS = 12  # rows that stay in a batch at least, so that a row's arithmetic does not depend on the batch

@@ -22,7 +22,6 @@ import re
 from collections import Counter
 from typing import Any, Literal, Optional
 
-
 from ..atomic import atomic_open
 from ..data.formats import read_prompt_rows
 from ..eval.generation import chat_messages, generate_answers, render_prompt

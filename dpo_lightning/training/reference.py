@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ..data.collate import REF_KEY, PreferenceBatch
-from ..model.lora import adapters_disabled
 from ..model.fsdp import is_fsdp
+from ..model.lora import adapters_disabled
 from .reference_cache import precompute
 from .reference_sync import mix_into_reference
 from .settings import ReferenceSettings
