@@ -1,9 +1,13 @@
-"""Tiny models and tokenizers built offline, saved with ``save_pretrained`` and loaded through the real path."""
+"""What the tests share: tiny models and tokenizers built offline (saved with ``save_pretrained`` and loaded through
+the real path), preference pairs, the command line on ``configs/tiny.yaml``, and TensorBoard logs read back."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +85,7 @@ PAIRS = [
 
 
 def conversational_rows(system: str = "you are a helpful assistant .") -> list[dict]:
-    """The seed's format: chosen/rejected are full conversations sharing system + user messages."""
+    """The tutorial's format: chosen/rejected are full conversations sharing system + user messages."""
     rows = []
     for prompt, chosen, rejected in PAIRS:
         head = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
@@ -122,3 +126,59 @@ def dpo_module(model_name_or_path: str, **settings):
         (sections[section] if section else top)[key] = value
     built = {name: SETTINGS[name](**values) for name, values in sections.items() if values}
     return DPOModule(model_name_or_path, **built, **top)
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """The paths ``DPOModule`` loads models from (policy, reference, ...), in the order it loads them."""
+    from dpo_lightning.training import module
+
+    loads = []
+    real = module.load_causal_lm
+    monkeypatch.setattr(module, "load_causal_lm", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    return loads
+
+
+# ------------------------------------------------------------------------------ the command line, on tiny.yaml
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+TB_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+
+
+def fit_args(root, model_dir, data, *extra, subcommand="fit", reference_dir=None, cache_dir=None) -> list[str]:
+    """The command line of ``subcommand`` on ``configs/tiny.yaml``: the policy at ``model_dir`` (the reference at
+    ``reference_dir`` when given), training pairs from ``data``, logs and checkpoints under ``root``, no progress
+    bar, the tokenized data cached in ``cache_dir`` (not at all when None). ``extra`` comes last: its flags win."""
+    reference = [f"--model.reference.model_name_or_path={reference_dir}"] if reference_dir is not None else []
+    return [subcommand, "--config", TINY_CONFIG, f"--model.model_name_or_path={model_dir}", *reference,
+            f"--data.train_path={data}", f"--data.cache_dir={'null' if cache_dir is None else cache_dir}",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra]
+
+
+def fit_tiny(root, model_dir, data, *extra, **kwargs):
+    """``fit_args`` run by ``cli_main`` in this process: the CLI, and the first run's log directory under ``root``
+    (``root/lightning_logs/version_0``)."""
+    from dpo_lightning.cli import cli_main
+
+    cli = cli_main(fit_args(root, model_dir, data, *extra, **kwargs))
+    return cli, Path(root) / "lightning_logs" / "version_0"
+
+
+def run_cli(args, cwd, extra_path=None) -> str:
+    """``python -m dpo_lightning ARGS`` in a subprocess (``extra_path`` joins PYTHONPATH); fails the test unless it
+    exits 0; returns what it printed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, extra_path) if p)}
+    proc = subprocess.run([sys.executable, "-m", "dpo_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def scalar_tags(log_dir):
+    """The scalar tags of a TensorBoard log directory, and its loaded ``EventAccumulator``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), acc

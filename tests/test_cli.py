@@ -14,32 +14,15 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import LOSSES
 from dpo_lightning.training.module import DPOModule
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TB_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
-
-
-def run_cli(args, cwd, extra_path=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, extra_path) if p)}
-    proc = subprocess.run([sys.executable, "-m", "dpo_lightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def scalar_tags(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(log_dir)
-    acc.Reload()
-    return set(acc.Tags()["scalars"]), acc
+from conftest import ROOT, TB_METRICS, fit_args, fit_tiny, run_cli, scalar_tags
 
 
 def test_fit_then_validate_then_export(tiny_model_dir, pairs_jsonl, tmp_path):
-    config = os.path.join(ROOT, "configs", "tiny.yaml")
-    common = ["--config", config, f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
-              f"--data.cache_dir={tmp_path / 'cache'}"]
-    out = run_cli(["fit", *common, "--data.group_by_length=true"], cwd=tmp_path)
+    def args(subcommand, *extra):
+        return fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *extra, subcommand=subcommand,
+                        cache_dir=tmp_path / "cache")
+
+    out = run_cli(args("fit", "--data.group_by_length=true"), cwd=tmp_path)
     assert "6 read, 6 kept" in out and "2 read, 2 kept" in out  # one summary line per split
     assert "of token slots are padding" in out and "with prefix sharing (data.group_by_length: true)" in out
     fit_dir = tmp_path / "lightning_logs" / "version_0"
@@ -63,11 +46,11 @@ def test_fit_then_validate_then_export(tiny_model_dir, pairs_jsonl, tmp_path):
 
     # validate the trained checkpoint, and the untrained policy (ln 2, zero rewards)
     ckpt = fit_dir / "checkpoints" / "last.ckpt"
-    run_cli(["validate", *common, f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    run_cli(args("validate", f"--ckpt_path={ckpt}"), cwd=tmp_path)
     tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
     assert {f"val/{m}" for m in TB_METRICS} <= tags
     trained_val_loss = acc.Scalars("val/loss")[-1].value
-    run_cli(["validate", *common], cwd=tmp_path)
+    run_cli(args("validate"), cwd=tmp_path)
     _, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_2"))
     assert acc.Scalars("val/loss")[-1].value == pytest.approx(0.693147, abs=1e-5)
     assert acc.Scalars("val/rewards/margins")[-1].value == pytest.approx(0.0, abs=1e-6)
@@ -103,42 +86,34 @@ def test_every_shipped_config_parses_and_instantiates(config):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_path):
-    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
-                    f"--model.loss.loss_type={loss}", "--data.cache_dir=null", "--trainer.enable_progress_bar=false",
-                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--export.enabled=false",
-                    "--trainer.enable_model_summary=false"]
-                   + (["--model.loss.label_smoothing=0.001"] if loss == "exo_pair" else []))
+    cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, f"--model.loss.loss_type={loss}", "--trainer.max_epochs=1",
+                      "--export.enabled=false", "--trainer.enable_model_summary=false",
+                      *(["--model.loss.label_smoothing=0.001"] if loss == "exo_pair" else []))
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     assert "val/rewards/margins" in metrics
 
 
 def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl, tmp_path):
-    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
-              f"--data.train_path={pairs_jsonl}", "--model.loss.loss_type=[sigmoid, sft]", "--model.loss.loss_weights=[1.0, 0.5]",
-              "--data.cache_dir=null", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-              "--export.enabled=false"]
-    cli = cli_main(["fit", *common, "--trainer.max_epochs=1"])
+    mix = ["--model.loss.loss_type=[sigmoid, sft]", "--model.loss.loss_weights=[1.0, 0.5]", "--export.enabled=false"]
+    cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *mix, "--trainer.max_epochs=1")
     m = cli.trainer.callback_metrics
     assert m["val/loss"].item() == pytest.approx(m["val/loss/sigmoid"].item() + 0.5 * m["val/loss/sft"].item(),
                                                  rel=1e-5)
     assert "train/loss/sft" in m
-    cli = cli_main(["test", *common])
+    cli = cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *mix, subcommand="test"))
     assert {"test/loss", "test/rewards/margins", "test/loss/sft"} <= set(cli.trainer.callback_metrics)
 
 
 def test_ddp_validation_metrics_equal_one_process(tiny_model_dir, tiny_reference_dir, pairs_jsonl, tmp_path):
     """2 CPU processes (gloo), each on its own half of the validation pairs, log what one process logs."""
-    common = ["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-              f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference.model_name_or_path={tiny_reference_dir}",
-              f"--data.train_path={pairs_jsonl}", f"--data.val_path={pairs_jsonl}", "--data.val_fraction=0.0",
-              "--data.cache_dir=null", "--trainer.enable_progress_bar=false"]
     values = []
     for n, run_dir in ((1, "one"), (2, "two")):
         os.makedirs(tmp_path / run_dir)
-        run_cli([*common, f"--trainer.devices={n}", "--trainer.strategy=" + ("ddp" if n > 1 else "auto")],
-                cwd=tmp_path / run_dir)
+        run_cli(fit_args(tmp_path / run_dir, tiny_model_dir, pairs_jsonl, f"--data.val_path={pairs_jsonl}",
+                         "--data.val_fraction=0.0", f"--trainer.devices={n}",
+                         "--trainer.strategy=" + ("ddp" if n > 1 else "auto"), subcommand="validate",
+                         reference_dir=tiny_reference_dir), cwd=tmp_path / run_dir)
         _, acc = scalar_tags(str(tmp_path / run_dir / "lightning_logs" / "version_0"))
         values.append({m: acc.Scalars(f"val/{m}")[-1].value for m in TB_METRICS})
     assert abs(values[0]["rewards/margins"]) > 1e-3
@@ -150,11 +125,9 @@ def test_bf16_mixed_validation_is_close_to_fp32(tiny_model_dir, tiny_reference_d
     """bf16 autocast on CPU; log-probs are reduced in fp32. Tolerance: 2e-2 on the loss, 2% on the log-probs."""
     out = {}
     for precision in ("32-true", "bf16-mixed"):
-        cli = cli_main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                        f"--model.model_name_or_path={tiny_model_dir}",
-                        f"--model.reference.model_name_or_path={tiny_reference_dir}", f"--data.train_path={pairs_jsonl}",
-                        "--data.cache_dir=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-                        f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
+        cli = cli_main(fit_args(tmp_path / precision, tiny_model_dir, pairs_jsonl, "--trainer.logger=false",
+                                f"--trainer.precision={precision}", subcommand="validate",
+                                reference_dir=tiny_reference_dir))
         out[precision] = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
     fp32, bf16 = out["32-true"], out["bf16-mixed"]
     assert bf16["val/loss"] == pytest.approx(fp32["val/loss"], abs=2e-2)
@@ -168,13 +141,10 @@ def test_true_bf16_weights_train_and_validate_close_to_fp32(tiny_model_dir, tiny
     on the loss, 3% on the log-probs (bf16 keeps 8 bits of mantissa)."""
     out = {}
     for precision, dtype in (("32-true", "float32"), ("bf16-true", "bfloat16")):
-        cli = cli_main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                        f"--model.model_name_or_path={tiny_model_dir}",
-                        f"--model.reference.model_name_or_path={tiny_reference_dir}", f"--model.dtype={dtype}",
-                        f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null",
-                        "--model.reference.precompute_ref_log_probs=false",
-                        "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-                        f"--trainer.precision={precision}", f"--trainer.default_root_dir={tmp_path / precision}"])
+        cli = cli_main(fit_args(tmp_path / precision, tiny_model_dir, pairs_jsonl, f"--model.dtype={dtype}",
+                                "--model.reference.precompute_ref_log_probs=false", "--trainer.logger=false",
+                                f"--trainer.precision={precision}", subcommand="validate",
+                                reference_dir=tiny_reference_dir))
         assert next(cli.model.policy.parameters()).dtype == getattr(torch, dtype)
         out[precision] = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
     fp32, bf16 = out["32-true"], out["bf16-true"]
@@ -187,10 +157,7 @@ def test_true_bf16_weights_train_and_validate_close_to_fp32(tiny_model_dir, tiny
     logps = cli.model.pair_logps(batch)[0]
     assert logps.policy_chosen_logps.dtype == torch.float32  # reduced in fp32 from bf16 logits
 
-    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={tiny_model_dir}", "--model.dtype=bfloat16",
-                    f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null", "--trainer.enable_progress_bar=false",
-                    "--trainer.precision=bf16-true", "--trainer.max_steps=3",
-                    f"--trainer.default_root_dir={tmp_path / 'fit'}", "--export.enabled=false"])
+    cli, _ = fit_tiny(tmp_path / "fit", tiny_model_dir, pairs_jsonl, "--model.dtype=bfloat16",
+                      "--trainer.precision=bf16-true", "--trainer.max_steps=3", "--export.enabled=false")
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.trainer.global_step == 3

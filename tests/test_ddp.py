@@ -5,7 +5,8 @@ import json
 import os
 
 import pytest
-from test_cli import ROOT, TB_METRICS, run_cli, scalar_tags
+
+from conftest import ROOT, TB_METRICS, fit_args, run_cli, scalar_tags
 
 TOL = 1e-5  # absolute, on every logged metric: fp32 sums over different groupings of the same pairs
 
@@ -20,13 +21,11 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tin
                                           ("pre", 2, 1, ["--model.reference.precompute_ref_log_probs=true"])):
         run_dir = tmp_path / f"run{key}"
         os.makedirs(run_dir)
-        run_cli(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                 f"--model.model_name_or_path={tiny_model_dir}", f"--model.reference.model_name_or_path={tiny_reference_dir}",
-                 f"--data.train_path={pairs_jsonl}", f"--data.batch_size={per_device}",
-                 f"--data.cache_dir={run_dir / 'cache'}", "--trainer.enable_progress_bar=false",
-                 f"--trainer.devices={world}", "--trainer.strategy=" + ("ddp" if world > 1 else "auto"),
-                 "--trainer.callbacks+=ddp_recorder.RecordRank", f"--trainer.callbacks.out_dir={run_dir / 'record'}",
-                 *extra],
+        run_cli(fit_args(run_dir, tiny_model_dir, pairs_jsonl, f"--data.batch_size={per_device}",
+                         f"--trainer.devices={world}", "--trainer.strategy=" + ("ddp" if world > 1 else "auto"),
+                         "--trainer.callbacks+=ddp_recorder.RecordRank",
+                         f"--trainer.callbacks.out_dir={run_dir / 'record'}", *extra,
+                         reference_dir=tiny_reference_dir, cache_dir=run_dir / "cache"),
                 cwd=run_dir, extra_path=os.path.join(ROOT, "tests"))
         _, acc = scalar_tags(str(run_dir / "lightning_logs" / "version_0"))
         records = [json.loads((run_dir / "record" / f"rank{r}.json").read_text()) for r in range(world)]
