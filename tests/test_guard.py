@@ -1,14 +1,12 @@
 """NaN/inf guard: training stops with a clear message before a bad update, and the last checkpoint stays good."""
 
-import os
-
 import pytest
 import torch
 from lightning.pytorch import Callback
-from test_cli import ROOT
 
-from dpo_lightning.cli import cli_main
 from dpo_lightning.training.guard import first_nonfinite_grad
+
+from conftest import fit_tiny
 
 
 class PoisonGradient(Callback):
@@ -22,16 +20,12 @@ class PoisonGradient(Callback):
             next(p for p in pl_module.policy.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
 
 
-def run(tmp_path, model_dir, data, *extra):
-    return cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                     f"--model.model_name_or_path={model_dir}", f"--data.train_path={data}", "--data.batch_size=1",
-                     "--data.cache_dir=null", "--checkpoint.every_n_train_steps=1",
-                     f"--trainer.default_root_dir={tmp_path}", *extra])
+STEP_BY_STEP = ["--data.batch_size=1", "--checkpoint.every_n_train_steps=1"]  # 6 steps an epoch, each checkpointed
 
 
 def test_nan_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tiny_model_dir, pairs_jsonl, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in policy\..* at global step 2.*last\.ckpt"):
-        run(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.callbacks+=test_guard.PoisonGradient")
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *STEP_BY_STEP, "--trainer.callbacks+=test_guard.PoisonGradient")
     checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
                             weights_only=True)
     assert checkpoint["global_step"] == 2
@@ -40,15 +34,23 @@ def test_nan_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(tiny
 
 def test_diverging_run_stops_with_a_clear_message(tiny_model_dir, pairs_jsonl, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient)"):
-        run(tmp_path, tiny_model_dir, pairs_jsonl, "--model.optimizer.lr=1e20", "--model.scheduler.warmup_ratio=0")
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *STEP_BY_STEP, "--model.optimizer.lr=1e20",
+                 "--model.scheduler.warmup_ratio=0")
     checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
                             weights_only=True)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
 def test_guard_can_be_switched_off(tiny_model_dir, pairs_jsonl, tmp_path):
-    run(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.callbacks+=test_guard.PoisonGradient",
-        "--nan_guard.enabled=false", "--trainer.max_epochs=1", "--export.enabled=false")
+    # the same poisoned step 2 as above: without the guard, training runs the whole epoch and the NaN is applied
+    cli, run = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *STEP_BY_STEP,
+                        "--trainer.callbacks+=test_guard.PoisonGradient", "--nan_guard.enabled=false",
+                        "--trainer.max_epochs=1", "--export.enabled=false")
+    assert cli.trainer.global_step == 6
+    assert not all(torch.isfinite(p).all() for p in cli.model.policy.parameters())
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    assert not all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
 def test_first_nonfinite_grad_names_the_parameter_and_passes_huge_finite_gradients():
