@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union, get_args
 
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]
@@ -40,7 +40,6 @@ class PreferenceDataError(ValueError):
         self.kind = kind
 
 
-BAD_ROW_POLICIES = ("error", "skip")
 BadRowPolicy = Literal["error", "skip"]
 
 
@@ -225,8 +224,8 @@ def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error
     A JSON Lines line that is not UTF-8 or not JSON raises; under ``on_bad_row="skip"`` it comes back as its
     :class:`PreferenceDataError` in place of the row, for the caller to count.
     """
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    if on_bad_row not in get_args(BadRowPolicy):
+        raise ValueError(f"on_bad_row must be one of {get_args(BadRowPolicy)}, got {on_bad_row!r}")
     if path.endswith((".jsonl", ".json")):
         if not os.path.exists(path):
             raise PreferenceDataError(f"{path}: file not found")

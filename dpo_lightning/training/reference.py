@@ -74,7 +74,7 @@ class Reference(nn.Module):
             logps_kwargs: ``chunk_size``, ``ld_alpha`` and ``prefix_sharing`` of the log-prob pass.
         """
         self._policy = [policy]  # a list: not registered as a submodule
-        self._device = lambda: trainer.strategy.root_device if trainer is not None else next(policy.parameters()).device
+        self._device = trainer.strategy.root_device if trainer is not None else next(policy.parameters()).device
         if self.syncs:
             self._check_sync(trainer)
         if not self.needed:
@@ -139,11 +139,11 @@ class Reference(nn.Module):
         if self.model is not None:
             yield self.model
         elif self.shares_policy:
-            policy = self._policy[0].to(self._device())
+            policy = self._policy[0].to(self._device)
             with adapters_disabled(policy):
                 yield policy
         else:
-            yield self.load(self.path).eval().requires_grad_(False).to(self._device())
+            yield self.load(self.path).eval().requires_grad_(False).to(self._device)
 
     def after_optimizer_step(self, steps_done: int) -> None:
         """TR-DPO: every ``ref_model_sync_steps`` optimizer steps, mix the policy into the reference."""
