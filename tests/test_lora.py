@@ -7,16 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_cli import ROOT, scalar_tags
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning.cli import cli_main
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.lora import merged_state_dict
-from dpo_lightning.training.module import DPOModule
 
-from conftest import dpo_module
+from conftest import dpo_module, fit_tiny, scalar_tags
 
 peft = pytest.importorskip("peft")
 
@@ -94,22 +92,12 @@ def test_bad_lora_settings_fail_before_loading():
         dpo_module("does-not-exist", use_peft=True, lora_r=0)
 
 
-def fit(tmp_path, name, model_dir, data, *extra):
-    root = tmp_path / name
-    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={model_dir}", f"--data.train_path={data}",
-                    f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.enable_progress_bar=false",
-                    f"--trainer.default_root_dir={root}", "--model.lora.use_peft=true", "--model.lora.lora_r=4",
-                    "--model.optimizer.init_args.lr=0.01", *extra])
-    return cli, root / "lightning_logs" / "version_0"
+LORA = ["--model.lora.use_peft=true", "--model.lora.lora_r=4", "--model.optimizer.init_args.lr=0.01"]
 
 
-def test_lora_fit_checkpoint_and_both_exports(tiny_model_dir, pairs_jsonl, tmp_path, monkeypatch):
-    loads = []
-    real_load = DPOModule._load
-    monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
-    cli, run = fit(tmp_path, "merged", tiny_model_dir, pairs_jsonl)
-    assert loads == [tiny_model_dir]  # one model in memory
+def test_lora_fit_checkpoint_and_both_exports(tiny_model_dir, pairs_jsonl, tmp_path, model_loads):
+    cli, run = fit_tiny(tmp_path / "merged", tiny_model_dir, pairs_jsonl, *LORA, cache_dir=tmp_path / "cache")
+    assert model_loads == [tiny_model_dir]  # one model in memory
     _, acc = scalar_tags(str(run))
     assert abs(acc.Scalars("val/rewards/margins")[-1].value) > 1e-3  # it trained
 
@@ -136,7 +124,8 @@ def test_lora_fit_checkpoint_and_both_exports(tiny_model_dir, pairs_jsonl, tmp_p
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     # adapter export: peft's files, which load back onto the base to the same outputs
-    _, run2 = fit(tmp_path, "adapter", tiny_model_dir, pairs_jsonl, "--model.lora.lora_export=adapter")
+    _, run2 = fit_tiny(tmp_path / "adapter", tiny_model_dir, pairs_jsonl, *LORA, "--model.lora.lora_export=adapter",
+                       cache_dir=tmp_path / "cache")
     assert (run2 / "hf_model" / "adapter_config.json").exists()
     assert not (run2 / "hf_model" / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -145,13 +134,13 @@ def test_lora_fit_checkpoint_and_both_exports(tiny_model_dir, pairs_jsonl, tmp_p
         assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
 
 
-def test_lora_with_precomputed_reference_trains_the_same(tiny_model_dir, pairs_jsonl, tmp_path, monkeypatch):
-    loads = []
-    real_load = DPOModule._load
-    monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
-    _, plain = fit(tmp_path, "plain", tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=false")
-    _, pre = fit(tmp_path, "pre", tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=true")
-    assert loads == [tiny_model_dir, tiny_model_dir]  # the precompute pass used the policy, adapters off
+def test_lora_with_precomputed_reference_trains_the_same(tiny_model_dir, pairs_jsonl, tmp_path, model_loads):
+    cache = tmp_path / "cache"
+    _, plain = fit_tiny(tmp_path / "plain", tiny_model_dir, pairs_jsonl, *LORA,
+                        "--model.reference.precompute_ref_log_probs=false", cache_dir=cache)
+    _, pre = fit_tiny(tmp_path / "pre", tiny_model_dir, pairs_jsonl, *LORA,
+                      "--model.reference.precompute_ref_log_probs=true", cache_dir=cache)
+    assert model_loads == [tiny_model_dir, tiny_model_dir]  # the precompute pass used the policy, adapters off
     _, a = scalar_tags(str(plain))
     _, b = scalar_tags(str(pre))
     for m in ("loss", "rewards/margins", "logps/chosen"):
