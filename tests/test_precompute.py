@@ -1,5 +1,5 @@
-"""model.reference.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across runs,
-and no reference model held during the steps."""
+"""model.reference.precompute_ref_log_probs: the same training as the reference-forward path, a cache reused across
+runs, and no reference model held during the steps."""
 
 import functools
 import os
@@ -7,47 +7,36 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import ROOT, TB_METRICS, scalar_tags
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning.cli import cli_main
 from dpo_lightning.data.collate import REF_KEY
 from dpo_lightning.data.datamodule import PreferenceDataModule
+from dpo_lightning.model.loading import load_causal_lm
 from dpo_lightning.model.prefix_sharing import shared_prefix_logps
 from dpo_lightning.training import reference_cache
-from dpo_lightning.training.module import DPOModule
 
-from conftest import dpo_module
+from conftest import TB_METRICS, dpo_module, fit_tiny, scalar_tags
 
 TOL = 1e-5  # absolute, logged metrics; reference log-probs come from differently padded batches
 
 
-def fit(tmp_path, name, model_dir, reference_dir, data, *extra):
-    root = tmp_path / name
-    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={model_dir}", f"--model.reference.model_name_or_path={reference_dir}",
-                    f"--data.train_path={data}", f"--data.cache_dir={tmp_path / 'cache'}",
-                    "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra])
-    return cli, root / "lightning_logs" / "version_0"
-
-
 def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_model_dir, tiny_reference_dir,
-                                                                          pairs_jsonl, tmp_path, monkeypatch):
-    loads = []
-    real_load = DPOModule._load
-    monkeypatch.setattr(DPOModule, "_load", lambda self, path: loads.append(path) or real_load(self, path))
+                                                                          pairs_jsonl, tmp_path, monkeypatch,
+                                                                          model_loads):
+    def fit(name, reference_dir, *extra):
+        return fit_tiny(tmp_path / name, tiny_model_dir, pairs_jsonl, *extra, reference_dir=reference_dir,
+                        cache_dir=tmp_path / "cache")
 
-    _, plain_dir = fit(tmp_path, "plain", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.reference.precompute_ref_log_probs=false")
-    assert loads == [tiny_model_dir, tiny_reference_dir]
-    loads.clear()
+    _, plain_dir = fit("plain", tiny_reference_dir, "--model.reference.precompute_ref_log_probs=false")
+    assert model_loads == [tiny_model_dir, tiny_reference_dir]
+    model_loads.clear()
     layouts = []
     real_pass = reference_cache.compute_reference_logps
     monkeypatch.setattr(reference_cache, "compute_reference_logps",
                         lambda *a, **k: layouts.append(k["logps_fn"].func.__name__) or real_pass(*a, **k))
-    cli, pre_dir = fit(tmp_path, "pre", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.reference.precompute_ref_log_probs=true", "--model.reference.precompute_batch_size=3")
-    assert loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
+    cli, pre_dir = fit("pre", tiny_reference_dir, "--model.reference.precompute_ref_log_probs=true",
+                       "--model.reference.precompute_batch_size=3")
+    assert model_loads == [tiny_model_dir, tiny_reference_dir]  # the reference, for the one pass
     assert layouts == ["shared_prefix_logps"] * 2  # train and val, prompt encoded once (prefix sharing default)
     assert cli.model.reference.model is None  # ... and released: no reference during the steps
     assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 2  # train and val
@@ -64,17 +53,15 @@ def test_precomputed_reference_trains_exactly_like_the_reference_forward(tiny_mo
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
     # a second run finds the cache and never loads the reference
-    loads.clear()
-    _, again_dir = fit(tmp_path, "again", tiny_model_dir, tiny_reference_dir, pairs_jsonl,
-                       "--model.reference.precompute_ref_log_probs=true")
-    assert loads == [tiny_model_dir]
+    model_loads.clear()
+    _, again_dir = fit("again", tiny_reference_dir, "--model.reference.precompute_ref_log_probs=true")
+    assert model_loads == [tiny_model_dir]
     _, again = scalar_tags(str(again_dir))
     assert [s.value for s in again.Scalars("train/loss")] == pytest.approx(
         [s.value for s in pre.Scalars("train/loss")], abs=TOL)
 
     # other settings (here the reference itself) give a new cache entry, not a stale hit
-    fit(tmp_path, "other_ref", tiny_model_dir, tiny_model_dir, pairs_jsonl, "--model.reference.precompute_ref_log_probs=true",
-        "--trainer.max_steps=1")
+    fit("other_ref", tiny_model_dir, "--model.reference.precompute_ref_log_probs=true", "--trainer.max_steps=1")
     assert len(os.listdir(tmp_path / "cache" / "ref_logps")) == 4
 
 
@@ -82,7 +69,7 @@ def test_a_batch_without_reference_log_probs_is_refused(tiny_model_dir, pairs_js
     dm = PreferenceDataModule(train_path=pairs_jsonl, tokenizer_name_or_path=tiny_model_dir, cache_dir=None)
     dm.setup("fit")
     model = dpo_module(tiny_model_dir, precompute_ref_log_probs=True)
-    model.policy = model._load(tiny_model_dir)  # the reference was never loaded
+    model.policy = load_causal_lm(tiny_model_dir, dropout=False)  # the reference was never loaded
     with pytest.raises(RuntimeError, match="without reference log-probs"):
         model.pair_logps(dm.collator(dm.train_pairs[:2]))
     batch = dm.collator([{**p, "ref_logps": [-1.0, -2.0]} for p in dm.train_pairs[:2]])
