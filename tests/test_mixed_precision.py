@@ -7,14 +7,12 @@ skip, not the guard's to stop on. CPU runs ``16-mixed`` as bf16, so fp16 is aske
 """
 
 import json
-import os
 
 import pytest
 import torch
 from lightning.pytorch import Callback
-from test_cli import ROOT
 
-from dpo_lightning.cli import cli_main
+from conftest import fit_tiny
 
 
 def fp16_plugin(init_scale: float = 2.0 ** 16) -> str:
@@ -36,10 +34,9 @@ class OverflowGradient(Callback):
 
 
 def fit(tmp_path, model_dir, data, *extra):
-    cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                    f"--model.model_name_or_path={model_dir}", f"--data.train_path={data}", "--data.cache_dir=null",
-                    "--export.enabled=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
-                    "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}", *extra])
+    """Three optimizer steps, no validation, no export; the CLI and the policy's weights after them."""
+    cli, _ = fit_tiny(tmp_path, model_dir, data, "--export.enabled=false", "--trainer.max_steps=3",
+                      "--trainer.limit_val_batches=0", *extra)
     return cli, {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
 
 
