@@ -7,7 +7,6 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import ROOT
 
 import dpo_lightning.training.checkpoint_io as checkpoint_io
 from dpo_lightning.cli import cli_main
@@ -20,11 +19,9 @@ from dpo_lightning.training import export, module
 from dpo_lightning.training.checkpoint_io import AtomicCheckpointIO
 from dpo_lightning.training.export import export_checkpoint
 
+from conftest import fit_args, fit_tiny
 
-def fit_args(tmp_path, model_dir, data_path, *extra):
-    return ["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={model_dir}",
-            f"--data.train_path={data_path}", "--data.batch_size=1", "--data.cache_dir=null",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", *extra]
+BATCH_1 = "--data.batch_size=1"  # one pair a step: 6 steps an epoch
 
 
 @pytest.fixture
@@ -47,7 +44,7 @@ def no_model_loading(monkeypatch):
 def test_bad_config_keys_and_types_stop_before_any_model_loads(no_model_loading, tiny_model_dir, pairs_jsonl,
                                                                 tmp_path, capsys, extra, key):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *extra))
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, *extra))
     assert exit_info.value.code != 0
     assert key in capsys.readouterr().err
 
@@ -56,7 +53,7 @@ def test_unknown_key_in_a_config_file_is_named(no_model_loading, tiny_model_dir,
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  loss:\n    beta: 0.1\n    los_type: ipo\n")
     with pytest.raises(SystemExit):
-        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--config", str(config)))
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--config", str(config)))
     assert "los_type" in capsys.readouterr().err
 
 
@@ -70,7 +67,7 @@ def test_unknown_key_in_a_config_file_is_named(no_model_loading, tiny_model_dir,
 def test_impossible_combinations_stop_before_any_model_loads(no_model_loading, tiny_model_dir, pairs_jsonl, tmp_path,
                                                              extra, message):
     with pytest.raises(ValueError, match=message):
-        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *extra))
+        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, *extra))
 
 
 class _Interrupted(Exception):
@@ -90,8 +87,8 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint(tiny_m
 
     monkeypatch.setattr(checkpoint_io.torch, "save", save_then_die)
     with pytest.raises(_Interrupted):
-        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--checkpoint.every_n_train_steps=1",
-                          "--export.enabled=false"))
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--checkpoint.every_n_train_steps=1",
+                 "--export.enabled=false")
     ckpt_dir = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     assert os.listdir(ckpt_dir) == ["last.ckpt"]  # no temporary file left behind
     checkpoint = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
@@ -100,8 +97,8 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint(tiny_m
 
 
 def test_the_cli_writes_checkpoints_through_the_atomic_writer(tiny_model_dir, pairs_jsonl, tmp_path):
-    cli = cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=1",
-                            "--export.enabled=false"))
+    cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+                      "--export.enabled=false")
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -144,8 +141,7 @@ class Payload:
 
 
 def test_checkpoints_load_weights_only_and_pickled_code_is_refused(tiny_model_dir, pairs_jsonl, tmp_path):
-    cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=2"))
-    run = tmp_path / "lightning_logs" / "version_0"
+    _, run = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--trainer.max_epochs=1", "--trainer.max_steps=2")
     assert (run / "hf_model" / "model.safetensors").exists()
     assert not list((run / "hf_model").glob("*.bin"))  # weights as safetensors only
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -160,4 +156,4 @@ def test_checkpoints_load_weights_only_and_pickled_code_is_refused(tiny_model_di
         with pytest.raises(RuntimeError, match="refusing to unpickle"):
             export_checkpoint(str(path), str(tmp_path / "out"))
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, f"--ckpt_path={tmp_path / 'evil2.ckpt'}"))
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, f"--ckpt_path={tmp_path / 'evil2.ckpt'}")
