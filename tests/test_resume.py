@@ -6,9 +6,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
-from test_cli import ROOT, scalar_tags
 
-from dpo_lightning.cli import cli_main
+from conftest import fit_tiny, scalar_tags
 
 
 class KillAt(Callback):
@@ -22,24 +21,22 @@ class KillAt(Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
-def fit_args(model_dir, data, root, *extra):
-    return ["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={model_dir}",
-            f"--data.train_path={data}", "--data.val_fraction=0.25", "--data.batch_size=1", "--data.cache_dir=null",
-            "--trainer.max_epochs=2", "--trainer.limit_val_batches=1", "--model.optimizer.lr=1e-2",
-            "--checkpoint.every_n_train_steps=1", f"--trainer.default_root_dir={root}", *extra]
+# 6 training pairs, one a step, 2 epochs, a checkpoint after every step
+RUN = ["--data.val_fraction=0.25", "--data.batch_size=1", "--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
+       "--model.optimizer.lr=1e-2", "--checkpoint.every_n_train_steps=1"]
 
 
 @pytest.mark.parametrize("kill_step", [3, 8])  # mid first epoch; mid second epoch (6 batches per epoch)
 def test_killed_run_resumes_to_the_same_weights_and_metrics(tiny_model_dir, pairs_jsonl, tmp_path, kill_step):
-    cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "a"))
+    fit_tiny(tmp_path / "a", tiny_model_dir, pairs_jsonl, *RUN)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "b", "--trainer.callbacks+=test_resume.KillAt",
-                          f"--trainer.callbacks.step={kill_step}"))
+        fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, "--trainer.callbacks+=test_resume.KillAt",
+                 f"--trainer.callbacks.step={kill_step}")
     last = tmp_path / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == kill_step
     assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
-    cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / "b", f"--ckpt_path={last}"))
+    fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, f"--ckpt_path={last}")
 
     straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
     resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
@@ -60,10 +57,10 @@ def test_accumulation_equals_the_big_batch_with_an_uneven_last_window(tiny_model
     # length groups are cut by batch size, so grouping is off: the same pairs in both runs' steps
     runs = {"big": ["--data.batch_size=4", "--data.group_by_length=false"],
             "accumulated": ["--data.group_by_length=false", "--data.batch_size=2",
-                                                            "--trainer.accumulate_grad_batches=2"]}
+                            "--trainer.accumulate_grad_batches=2"]}
     weights = {}
     for name, extra in runs.items():
-        cli_main(fit_args(tiny_model_dir, pairs_jsonl, tmp_path / name, *sgd, *extra))  # later flags win
+        fit_tiny(tmp_path / name, tiny_model_dir, pairs_jsonl, *RUN, *sgd, *extra)  # later flags win
         weights[name] = load_file(tmp_path / name / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
     base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(weights["big"][k], base[k]) for k in base)  # training moved the weights
