@@ -1,7 +1,6 @@
 """Generation probes: the degeneracy detector on crafted strings, the NLL by hand, the callback and `compare`."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from dpo_lightning.eval.compare import compare
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.eval.probes import ProbeReport, answer_nll, degeneracy, mentions
 
-from conftest import write_jsonl
+from conftest import fit_args, fit_tiny, run_cli, scalar_tags, write_jsonl
 
 DEGENERATE = [
     "",
@@ -97,28 +96,27 @@ def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_re
 
 
 def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, tmp_path):
-    from test_cli import ROOT, run_cli, scalar_tags
-
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
     general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
-    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
-              f"--data.train_path={pairs_jsonl}", f"--data.cache_dir={tmp_path / 'cache'}",
-              f"--probes.prompts_path={prompts}", "--probes.name=deep smol", f"--probes.general_path={general}",
+    probes = [f"--probes.prompts_path={prompts}", "--probes.name=deep smol", f"--probes.general_path={general}",
               "--probes.max_new_tokens=5"]
-    out = run_cli(["validate", *common, "--data.val_fraction=0.25"], cwd=tmp_path)
+
+    def args(subcommand, *extra):
+        return fit_args(tmp_path, tiny_model_dir, pairs_jsonl, *probes, *extra, subcommand=subcommand,
+                        cache_dir=tmp_path / "cache")
+
+    out = run_cli(args("validate", "--data.val_fraction=0.25"), cwd=tmp_path)
     assert "probes at step 0: name_rate" in out
     tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_0"))
     assert {"val/probes/name_rate", "val/probes/degenerate_rate", "val/probes/drift"} <= tags
     assert acc.Scalars("val/probes/drift")[0].value == pytest.approx(1.0, abs=1e-6)  # untrained policy == base
-    run_cli(["fit", *common, "--model.optimizer.lr=1e-2"], cwd=tmp_path)
+    run_cli(args("fit", "--model.optimizer.lr=1e-2"), cwd=tmp_path)
     tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
     assert acc.Scalars("val/probes/drift")[-1].value != pytest.approx(1.0, abs=1e-4)  # training moved the policy
 
 
 def test_probe_base_is_the_reference_in_validate_and_never_measured_without_validation(tiny_model_dir, pairs_jsonl,
                                                                                        tmp_path, monkeypatch):
-    from test_cli import ROOT, scalar_tags
-
     from dpo_lightning.cli import cli_main
     from dpo_lightning.eval import callback as probe_callback
 
@@ -127,23 +125,20 @@ def test_probe_base_is_the_reference_in_validate_and_never_measured_without_vali
     monkeypatch.setattr(probe_callback, "base_general_answers", lambda *a, **k: measured.append(1) or real(*a, **k))
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
     general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
-    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--model.model_name_or_path={tiny_model_dir}",
-              f"--data.train_path={pairs_jsonl}", "--data.cache_dir=null", f"--probes.prompts_path={prompts}",
-              "--probes.name=deep smol", f"--probes.general_path={general}", "--probes.max_new_tokens=5",
-              "--trainer.enable_progress_bar=false", "--model.optimizer.lr=1e-2"]
-    cli_main(["fit", *common, "--trainer.limit_val_batches=0", "--trainer.max_epochs=1", "--export.enabled=false",
-              f"--trainer.default_root_dir={tmp_path / 'no_val'}"])
+    probes = [f"--probes.prompts_path={prompts}", "--probes.name=deep smol", f"--probes.general_path={general}",
+              "--probes.max_new_tokens=5", "--model.optimizer.lr=1e-2"]
+    fit_tiny(tmp_path / "no_val", tiny_model_dir, pairs_jsonl, *probes, "--trainer.limit_val_batches=0",
+             "--trainer.max_epochs=1", "--export.enabled=false")
     assert measured == []  # the probes never run, so the base is never measured
 
-    cli_main(["fit", *common, f"--trainer.default_root_dir={tmp_path / 'fit'}", "--export.enabled=false"])
+    _, run = fit_tiny(tmp_path / "fit", tiny_model_dir, pairs_jsonl, *probes, "--export.enabled=false")
     assert measured == [1]  # once, before the first step
-    run = tmp_path / "fit" / "lightning_logs" / "version_0"
     fit_drift = scalar_tags(str(run))[1].Scalars("val/probes/drift")[-1].value
     assert fit_drift != pytest.approx(1.0, abs=1e-4)
 
     # validate of the trained checkpoint: the base is the reference (loaded from its path), not the trained policy
-    cli_main(["validate", *common, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-              f"--trainer.default_root_dir={tmp_path / 'validate'}"])
+    cli_main(fit_args(tmp_path / "validate", tiny_model_dir, pairs_jsonl, *probes,
+                      f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", subcommand="validate"))
     assert measured == [1, 1]
     drift = scalar_tags(str(tmp_path / "validate" / "lightning_logs" / "version_0"))[1].Scalars("val/probes/drift")
     assert drift[-1].value == pytest.approx(fit_drift, rel=1e-5)
