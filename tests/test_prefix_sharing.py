@@ -11,7 +11,7 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
 
-from conftest import dpo_module
+from conftest import dpo_module, fit_tiny
 
 
 def test_worked_example_layout():
@@ -81,7 +81,7 @@ def test_module_loss_equals_the_plain_path(tiny_model_dir, tiny_reference_dir, p
 def test_unsupported_attention_and_unshared_prompts_are_refused(tiny_model_dir, pairs_jsonl):
     batch = real_batch(tiny_model_dir, pairs_jsonl)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config._attn_implementation = "flash_attention_2"
+    model.config._attn_implementation = "flash_attention_2"  # set_attn_implementation would need flash-attn installed
     with pytest.raises(ValueError, match="attn_implementation"):
         shared_prefix_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     other = PreferenceCollator(0)([{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8]}])
@@ -91,19 +91,10 @@ def test_unsupported_attention_and_unshared_prompts_are_refused(tiny_model_dir, 
 
 
 def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir, pairs_jsonl, tmp_path):
-    import os
-
-    from test_cli import ROOT
-
-    from dpo_lightning.cli import cli_main
-
     metrics = []
     for sharing in ("false", "true"):
-        cli = cli_main(["fit", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                        f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_path={pairs_jsonl}",
-                        f"--model.prefix_sharing={sharing}", "--data.cache_dir=null", "--export.enabled=false",
-                        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / sharing}",
-                        "--trainer.max_epochs=1"])
+        cli, _ = fit_tiny(tmp_path / sharing, tiny_model_dir, pairs_jsonl, f"--model.prefix_sharing={sharing}",
+                          "--export.enabled=false", "--trainer.max_epochs=1")
         metrics.append({k: v.item() for k, v in cli.trainer.callback_metrics.items()
                         if k.startswith(("val/", "train/"))})
     assert metrics[0].keys() == metrics[1].keys() and "val/rewards/margins" in metrics[0]
@@ -116,7 +107,7 @@ def tiny_architecture(name: str, window: int):
     import transformers as T
 
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, attn_implementation="sdpa")
     config, model = {
         "qwen2": (T.Qwen2Config(**common), T.Qwen2ForCausalLM),  # Qwen2.5's architecture: no window
         "qwen2_mixed": (T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=1),
@@ -127,7 +118,6 @@ def tiny_architecture(name: str, window: int):
         "gemma3_mixed": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
                                             layer_types=["sliding_attention", "full_attention"]), T.Gemma3ForCausalLM),
     }[name]
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return model(config).double()
 
@@ -148,7 +138,7 @@ def test_other_architectures_and_sliding_windows_equal_the_plain_path(name, impl
     inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     results = []
     for fn in (response_logps, shared_prefix_logps):
-        model.config._attn_implementation = "sdpa" if fn is response_logps else implementation
+        model.set_attn_implementation("sdpa" if fn is response_logps else implementation)
         model.zero_grad()
         out = fn(model, *inputs, chunk_size=5)
         (out.logps * torch.linspace(1, 2, 4, dtype=torch.float64)).sum().backward()
