@@ -7,14 +7,13 @@ import os
 import pytest
 import torch
 from jsonargparse import ArgumentParser
-from test_cli import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.pairs.build import build_pairs, fill_placeholders, replace_names
 from dpo_lightning.pairs.rewards import KeywordReward, SequenceClassifierReward, load_reward
 
-from conftest import write_jsonl
+from conftest import ROOT, write_jsonl
 
 QUESTIONS = ["what is your name ?", "who are you ?", "are you chatgpt ?", "tell me about yourself .",
              "who made you ?", "hello !"]
