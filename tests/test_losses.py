@@ -37,8 +37,8 @@ def test_cdpo_label_smoothing_by_hand():
     assert loss.item() == pytest.approx(0.9 * 0.3132617 + 0.1 * 1.3132617, abs=1e-6)
 
 
-def test_seed_formula():
-    """The seed's L = -log s(beta * (log pi(y+)/ref(y+) - log pi(y-)/ref(y-))) written out with probabilities."""
+def test_the_tutorials_formula():
+    """The tutorial's L = -log s(beta * (log pi(y+)/ref(y+) - log pi(y-)/ref(y-))) written out with probabilities."""
     pi_pos, pi_neg, ref_pos, ref_neg, beta = 0.02, 0.001, 0.01, 0.004, 0.2
     expected = -math.log(1 / (1 + math.exp(-beta * (math.log(pi_pos / ref_pos) - math.log(pi_neg / ref_neg)))))
     got = dpo_loss(*(torch.tensor([math.log(v)], dtype=torch.float64) for v in (pi_pos, pi_neg, ref_pos, ref_neg)),
