@@ -92,6 +92,8 @@ def test_every_loss_trains_from_the_cli(loss, tiny_model_dir, pairs_jsonl, tmp_p
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     assert "val/rewards/margins" in metrics
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(w, base[k]) for k, w in cli.model.policy.state_dict().items())  # the loss trained
 
 
 def test_loss_mix_logs_each_term_and_test_subcommand(tiny_model_dir, pairs_jsonl, tmp_path):
