@@ -129,7 +129,7 @@ def test_a_coefficient_for_a_model_without_a_router_is_refused(tiny_model_dir):
 
 def test_lora_fit_logs_the_aux_loss_and_moves_only_adapters(tmp_path, pairs_jsonl):
     # through the PEFT wrapper: the hook on the backbone, logits_to_keep and output_router_logits reach the model
-    from lightning.pytorch import Trainer
+    from lightning.pytorch import Callback, Trainer
 
     pytest.importorskip("peft")
     policy_dir = save_moe(tmp_path, "mixtral", 0)
@@ -137,12 +137,21 @@ def test_lora_fit_logs_the_aux_loss_and_moves_only_adapters(tmp_path, pairs_json
                               batch_size=2, cache_dir=None)
     model = dpo_module(policy_dir, use_peft=True, lora_r=4, router_aux_loss_coef=0.2,
                       optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+
+    class Start(Callback):
+        def on_train_start(self, trainer, module):
+            self.weights = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+    start = Start()
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, max_steps=2, accumulate_grad_batches=2,
-                      limit_val_batches=1)
+                      limit_val_batches=1, callbacks=[start])
     trainer.fit(model, datamodule=dm)
     metrics = trainer.callback_metrics
     assert metrics["train/aux_loss"] > 0 and metrics["val/aux_loss"] > 0
     assert not model.share_prefix
     trained = [n for n, p in model.policy.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
+    after = dict(model.policy.named_parameters())
+    assert any(not torch.equal(start.weights[n], after[n]) for n in trained)  # the adapters moved
+    assert all(torch.equal(w, after[n]) for n, w in start.weights.items() if "lora_" not in n)  # nothing else did
