@@ -213,3 +213,12 @@ def test_ld_weights_by_hand():
     assert ld_weights(out_index, tokens, 0.25).tolist() == [1, 1, 0.25, 1, 1, 1, 1, 0.25]
     shared_order = torch.tensor([0, 0, 0, 2, 2, 1, 3, 3])  # the prefix-sharing layout: chosen then rejected per pair
     assert ld_weights(shared_order, tokens, 0.25).tolist() == [1, 1, 0.25, 1, 1, 1, 1, 0.25]
+
+
+def test_the_loss_registry_is_keyed_by_the_literal_names_in_their_order():
+    from typing import get_args
+
+    from dpo_lightning.losses import PAIRWISE_LOSSES, LossName
+
+    assert list(LOSSES) == list(get_args(LossName))  # the Literal is the one list of names; --help shows it
+    assert set(LOSSES) - PAIRWISE_LOSSES == {"aot", "aot_unpaired"}
