@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule, tokenize_rows
-from dpo_lightning.data.formats import PreferenceDataError, normalize_row, read_rows
+from dpo_lightning.data.formats import PreferenceDataError, normalize_row
+from dpo_lightning.data.reading import read_rows
 from dpo_lightning.data.tokenize import tokenize_pair
 
 from conftest import CHAT_TEMPLATE, PAIRS, conversational_rows, write_jsonl

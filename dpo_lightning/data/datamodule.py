@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from ..atomic import atomic_open
 from ..model.loading import load_tokenizer
 from .collate import REF_KEY, PreferenceCollator, padded_length
-from .formats import BadRowPolicy, PreferenceDataError, fingerprint_source, normalize_row, read_rows
+from .formats import BadRowPolicy, PreferenceDataError, normalize_row
+from .reading import fingerprint_source, read_rows
 from .sampling import EpochShuffleSampler, ResumableDataLoader, padding_fraction
 from .tokenize import tokenize_pair
 

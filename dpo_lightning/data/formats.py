@@ -13,15 +13,15 @@ Any of them may say ``"chosen_unfinished": true`` or ``"rejected_unfinished": tr
 by a length budget (``build-pairs --mark_unfinished true`` writes it for answers that did not end), so it is
 trained without the end of turn (``eos_token``, or what the chat template adds after the text), which it never had.
 
-Every error names the file, the row (line number for JSON Lines) and the field.
+Every error names the file, the row (line number for JSON Lines) and the field. Reading files is ``reading.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union
 
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]
@@ -61,6 +61,11 @@ class PreferencePair:
     @property
     def identical(self) -> bool:
         return self.chosen == self.rejected
+
+
+def is_null(value: Any) -> bool:
+    """None, or a float NaN (how Parquet and CSV readers fill an empty cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _bad(where: str, field: str, problem: str, kind: str) -> PreferenceDataError:
@@ -120,9 +125,12 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
         raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got "
                                   f"{type(row).__name__}", "not an object")
     for field in ("chosen", "rejected"):
-        if field not in row or row[field] is None:
+        if field not in row:
             raise _bad(where, field, f"missing (fields present: {sorted(row)})", "missing field")
+        if is_null(row[field]):
+            raise _bad(where, field, "no value (null, or an empty cell of a Parquet or CSV file)", "missing field")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    prompt = None if is_null(prompt) else prompt  # no prompt in this row: the shared prefix is the prompt
     if isinstance(prompt, list):  # explicit conversational prompt
         prompt = _check_messages(prompt, where, "prompt")
         chosen, rejected = (
@@ -151,117 +159,9 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
             raise _bad(where, field, "empty completion", "empty completion")
     unfinished = {}
     for field in ("chosen_unfinished", "rejected_unfinished"):
-        value = row.get(field)  # None: a data set column that other rows fill
+        value = row.get(field)  # null: a data set column that other rows fill
+        value = None if is_null(value) else value
         if value is not None and not isinstance(value, bool):
             raise _bad(where, field, f"expected true or false, got {json.dumps(value, default=repr)}", "wrong type")
         unfinished[field] = bool(value)
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where, **unfinished)
-
-
-# ----------------------------------------------------------------------------------------------- reading
-def _read_json_lines(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
-    """``(where, row)`` per non-blank line; a line that cannot be read is raised, or yielded as its
-    :class:`PreferenceDataError` under ``on_bad_row="skip"``."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path} line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                yield where, json.loads(line)
-            except UnicodeDecodeError as e:
-                error = PreferenceDataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)", "not UTF-8")
-            except json.JSONDecodeError as e:
-                error = PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}",
-                                            "malformed JSON")
-            else:
-                continue
-            if on_bad_row == "error":
-                raise error
-            yield where, error
-
-
-def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _read_json_lines(path, on_bad_row)
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except UnicodeDecodeError as e:
-        raise PreferenceDataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise PreferenceDataError(f"{path} line {e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
-    for i, row in enumerate(rows):
-        yield f"{path} row {i}", row
-
-
-def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise PreferenceDataError(f"{path}: no split '{split}' (splits: {sorted(ds)})")
-            ds = ds[split]
-    elif path.endswith(".parquet"):
-        ds = datasets.Dataset.from_parquet(path)
-    elif path.endswith(".csv"):
-        ds = datasets.Dataset.from_csv(path)
-    else:  # a dataset name on the Hugging Face Hub (or a loading script)
-        ds = datasets.load_dataset(path, split=split)
-    for i, row in enumerate(ds):
-        yield f"{path} row {i}", row
-
-
-def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error") -> list[tuple[str, Any]]:
-    """All raw rows of a local file, a ``save_to_disk`` directory or a hub data set, with their locations.
-
-    A JSON Lines line that is not UTF-8 or not JSON raises; under ``on_bad_row="skip"`` it comes back as its
-    :class:`PreferenceDataError` in place of the row, for the caller to count.
-    """
-    if on_bad_row not in get_args(BadRowPolicy):
-        raise ValueError(f"on_bad_row must be one of {get_args(BadRowPolicy)}, got {on_bad_row!r}")
-    if path.endswith((".jsonl", ".json")):
-        if not os.path.exists(path):
-            raise PreferenceDataError(f"{path}: file not found")
-        rows = list(_read_json(path, on_bad_row))
-    else:
-        if path.endswith((".parquet", ".csv")) and not os.path.exists(path):
-            raise PreferenceDataError(f"{path}: file not found")
-        rows = list(_read_with_datasets(path, split))
-    if not rows:
-        raise PreferenceDataError(f"{path}: no rows")
-    return rows
-
-
-def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows with a non-empty string ``prompt`` (prompt files for ``build-pairs``, probes and ``compare``)."""
-    rows = read_rows(path)
-    for where, row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string")
-    return rows
-
-
-def fingerprint_source(path: str, split: str) -> str:
-    """A string that changes whenever the data behind ``path`` changes (used as part of cache keys)."""
-    import hashlib
-
-    h = hashlib.sha256(f"{path}|{split}".encode())
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    elif os.path.isdir(path):
-        for root, _, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                h.update(f"{os.path.relpath(full, path)}|{os.path.getsize(full)}|{os.path.getmtime(full)}".encode())
-    else:
-        return ""  # hub data: not cached by content, see PreferenceDataModule
-    return h.hexdigest()

@@ -16,7 +16,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.collate import completion_batch
-from ..data.formats import common_prefix_length, read_prompt_rows
+from ..data.formats import common_prefix_length
+from ..data.reading import read_prompt_rows
 from ..model.loading import pad_token_id
 from ..model.logprobs import response_logps
 from .generation import Answer, chat_messages, generate_answers, render_prompt

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any, Literal, Optional
 
 from ..atomic import atomic_open
-from ..data.formats import read_prompt_rows
+from ..data.reading import read_prompt_rows
 from ..eval.generation import chat_messages, generate_answers, render_prompt
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .rewards import load_reward

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_open
 from ..data.collate import padded_length
-from ..data.formats import fingerprint_source
+from ..data.reading import fingerprint_source
 from ..model.logprobs import ResponseLogps, response_logps
 from ..model.prefix_sharing import choose_layout
 

@@ -1,0 +1,183 @@
+"""Reading raw rows, each with where it came from (``file line 7``, ``file row 3``), from every source the data
+module takes: JSON Lines and JSON (UTF-8, with or without a byte-order mark, or UTF-16 with one; plain or
+compressed ``.gz``/``.bz2``/``.xz``/``.zst``), Parquet, CSV, a ``save_to_disk`` directory or a hub data set."""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+from typing import IO, Any, Iterator, get_args
+
+from .formats import BadRowPolicy, PreferenceDataError
+
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None}  # None: through pyarrow
+JSON_SUFFIXES = (".jsonl", ".json")
+TABLE_SUFFIXES = (".parquet", ".csv")
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _split_compression(path: str) -> tuple[str, str]:
+    """``("data.jsonl", ".gz")`` for ``data.jsonl.gz``; the compression is empty for a plain file."""
+    stem, suffix = os.path.splitext(path)
+    return (stem, suffix) if suffix in COMPRESSIONS else (path, "")
+
+
+def _open_bytes(path: str) -> IO[bytes]:
+    """The file's bytes, decompressed by its suffix."""
+    compression = _split_compression(path)[1]
+    if compression == ".zst":  # zstandard ships with pyarrow, a dependency of datasets
+        import pyarrow as pa
+
+        return io.BufferedReader(pa.input_stream(path, compression="zstd"))
+    return COMPRESSIONS[compression](path, "rb") if compression else open(path, "rb")
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes, str]]:
+    """``(line number, raw bytes, encoding)`` per line. A UTF-8 byte-order mark is dropped; a UTF-16 file (its
+    mark tells) is decoded whole and its lines handed on in UTF-8."""
+    with _open_bytes(path) as f:
+        head = f.peek(4)[:4]
+        if head.startswith(UTF16_BOMS):
+            try:
+                text = f.read().decode("utf-16")
+            except UnicodeDecodeError as e:
+                raise PreferenceDataError(f"{path}: not valid UTF-16 (byte {e.start})") from None
+            for lineno, line in enumerate(io.StringIO(text, newline=""), start=1):
+                yield lineno, line.encode("utf-8"), "UTF-16"
+            return
+        if head.startswith(codecs.BOM_UTF8):
+            f.read(len(codecs.BOM_UTF8))
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw, "UTF-8"
+
+
+def _read_json_lines(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` per non-blank line; a line that cannot be read is raised, or yielded as its
+    :class:`PreferenceDataError` under ``on_bad_row="skip"``."""
+    for lineno, raw, encoding in _lines(path):
+        where = f"{path} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            yield where, json.loads(line)
+        except UnicodeDecodeError as e:
+            error = PreferenceDataError(f"{where}: not valid {encoding} (byte {e.start} of the line)", "not UTF-8")
+        except json.JSONDecodeError as e:
+            error = PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}", "malformed JSON")
+        else:
+            continue
+        if on_bad_row == "error":
+            raise error
+        yield where, error
+
+
+def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
+    """A JSON array of rows, or JSON Lines (whatever the suffix says: many ``.json`` files are JSON Lines)."""
+    lines = _lines(path)
+    first = next((raw for _, raw, _ in lines if raw.strip()), b"")
+    lines.close()
+    if not first.lstrip().startswith(b"["):
+        yield from _read_json_lines(path, on_bad_row)
+        return
+    try:
+        text = b"".join(raw for _, raw, _ in _lines(path)).decode("utf-8")
+        rows = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise PreferenceDataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PreferenceDataError(f"{path} line {e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise PreferenceDataError(f"{path}: expected a JSON array of rows or JSON Lines, got a JSON "
+                                  f"{type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name))
+               for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    if os.path.isdir(path):
+        if not _is_saved_dataset(path):
+            raise PreferenceDataError(f"{path}: a directory, but not a data set saved with save_to_disk (it has no "
+                                      "dataset_dict.json or dataset_info.json); give a file, or the saved directory")
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise PreferenceDataError(f"{path}: no split '{split}' (splits: {sorted(ds)})")
+            ds = ds[split]
+    elif _split_compression(path)[0].endswith(".parquet"):
+        ds = datasets.Dataset.from_parquet(path)
+    elif _split_compression(path)[0].endswith(".csv"):
+        ds = datasets.Dataset.from_csv(path)
+    else:  # a dataset name on the Hugging Face Hub (or a loading script)
+        ds = datasets.load_dataset(path, split=split)
+    for i, row in enumerate(ds):
+        yield f"{path} row {i}", row
+
+
+def is_local_file(path: str) -> bool:
+    """Whether ``path`` names a file of a kind read here (a hub data set name names none)."""
+    return _split_compression(path)[0].endswith(JSON_SUFFIXES + TABLE_SUFFIXES)
+
+
+def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error") -> list[tuple[str, Any]]:
+    """All raw rows of a local file, a ``save_to_disk`` directory or a hub data set, with their locations.
+
+    A JSON Lines line that is not UTF-8 or not JSON raises; under ``on_bad_row="skip"`` it comes back as its
+    :class:`PreferenceDataError` in place of the row, for the caller to count.
+    """
+    if on_bad_row not in get_args(BadRowPolicy):
+        raise ValueError(f"on_bad_row must be one of {get_args(BadRowPolicy)}, got {on_bad_row!r}")
+    if is_local_file(path) and not os.path.isfile(path):
+        raise PreferenceDataError(f"{path}: file not found")
+    try:
+        if _split_compression(path)[0].endswith(JSON_SUFFIXES):
+            rows = list(_read_json(path, on_bad_row))
+        else:
+            rows = list(_read_with_datasets(path, split))
+    except (OSError, EOFError, lzma.LZMAError) as error:  # a damaged or mislabelled compressed file
+        if not _split_compression(path)[1]:
+            raise
+        raise PreferenceDataError(f"{path}: cannot be decompressed as {_split_compression(path)[1]}: "
+                                  f"{error}") from None
+    if not rows:
+        raise PreferenceDataError(f"{path}: no rows")
+    return rows
+
+
+def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows with a non-empty string ``prompt`` (prompt files for ``build-pairs``, probes and ``compare``)."""
+    rows = read_rows(path)
+    for where, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string")
+    return rows
+
+
+def fingerprint_source(path: str, split: str) -> str:
+    """A string that changes whenever the data behind ``path`` changes (used as part of cache keys)."""
+    h = hashlib.sha256(f"{path}|{split}".encode())
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif os.path.isdir(path):
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}|{os.path.getsize(full)}|{os.path.getmtime(full)}".encode())
+    else:
+        return ""  # hub data: not cached by content, see PreferenceDataModule
+    return h.hexdigest()
