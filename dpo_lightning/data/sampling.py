@@ -59,7 +59,7 @@ def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequen
                      batch_size: int, shared: bool = False) -> float:
     """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs and each
     batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``), or with ``shared`` its
-    ``batch_size`` rows ``[prompt, chosen, rejected]`` (``prefix_sharing.py``)."""
+    ``batch_size`` rows ``[prompt, chosen, rejected]`` (``model/prefix_sharing.py``)."""
     real = slots = 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]

@@ -140,7 +140,7 @@ def attention_pattern(config) -> AttentionPattern:
 
 
 def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_token_id: int = 0) -> SharedLayout:
-    """Rebuild a plain :class:`~dpo_lightning.data.PreferenceBatch` as one row per pair.
+    """Rebuild a plain :class:`~dpo_lightning.data.collate.PreferenceBatch` as one row per pair.
 
     Args:
         input_ids: (2B, T) chosen rows then rejected rows, right-padded; each row is prompt then response.
@@ -184,7 +184,7 @@ def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, 
 def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                         chunk_size: int = 1024, token_stats: bool = False,
                         ld_alpha: Optional[float] = None) -> ResponseLogps:
-    """The same :class:`~dpo_lightning.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
+    """The same :class:`~dpo_lightning.model.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
     forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
     blocker = sharing_blocker(model)
     if blocker:

@@ -94,7 +94,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         anchor_max_new_tokens: answer budget for anchor prompts; anchors whose answer does not end within it are
             dropped (a cut answer as chosen would teach stopping mid-sentence).
         mark_unfinished: mark answers that ran out of ``max_new_tokens`` as ``rejected_unfinished`` (with
-            ``replace`` also ``chosen_unfinished``), so they train without an end of turn (``formats``). Off by
+            ``replace`` also ``chosen_unfinished``), so they train without an end of turn (``data/formats.py``). Off by
             default, as in TRL: in the identity demo it did not make the result hold across more data orders
             (docs/identity.md).
     """
@@ -202,7 +202,7 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
 
 def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
               chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
-    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``formats``): it trains without
+    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains without
     an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen does
     not teach it."""
     row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
