@@ -81,7 +81,8 @@ class PreferenceDataModule(LightningDataModule):
     """Preference pairs from local files (JSON/JSONL/Parquet/CSV), a ``save_to_disk`` directory or a hub data set.
 
     Args:
-        train_path: training data: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a ``datasets`` directory
+        train_path: training data: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file (plain, ``.gz``, ``.bz2``,
+            ``.xz`` or ``.zst``), a ``datasets`` directory
             saved with ``save_to_disk``, or a Hugging Face Hub data set name.
         tokenizer_name_or_path: tokenizer to use; linked to ``model.model_name_or_path`` by the CLI.
         val_path: validation data (same forms as ``train_path``). If unset, ``val_fraction`` of the training
