@@ -202,9 +202,9 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
 
 def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
               chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
-    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains without
-    an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen does
-    not teach it."""
+    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains
+    without an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen
+    does not teach it."""
     row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
            "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}
     if chosen_unfinished:
