@@ -7,7 +7,7 @@ import json
 import os
 import random
 from collections import Counter
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,8 +29,8 @@ MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],
-                  max_prompt_length: Optional[int], rows: Optional[list] = None,
-                  on_bad_row: BadRowPolicy = "error") -> tuple[list[dict], Counter]:
+                  max_prompt_length: Optional[int], rows: Optional[list] = None, on_bad_row: BadRowPolicy = "error",
+                  chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[dict], Counter]:
     """Read, normalise and tokenize every row of ``path``; returns the kept pairs and the counts of what
     happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``).
 
@@ -47,7 +47,7 @@ def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max
             if pair.identical:
                 counts["dropped: chosen identical to rejected"] += 1
                 continue
-            tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length)
+            tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length, chat_template_kwargs)
         except PreferenceDataError as error:
             if on_bad_row == "error" or error.kind is None:
                 raise
@@ -111,6 +111,9 @@ class PreferenceDataModule(LightningDataModule):
             ``error`` stops with a message naming file, row and field; ``skip`` counts it by kind, logs it and goes
             on. Identical chosen/rejected and prompts with no room left are always counted drops.
         trust_remote_code: allow tokenizer code from the model repository to run.
+        chat_template_kwargs: extra arguments of every ``apply_chat_template`` call, e.g. ``{enable_thinking:
+            false}`` for thinking models (TRL's option of the same name). A row's ``tools`` column goes to the
+            template too.
     """
 
     def __init__(self, train_path: str, tokenizer_name_or_path: str, val_path: Optional[str] = None,
@@ -119,7 +122,7 @@ class PreferenceDataModule(LightningDataModule):
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
                  group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error",
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -151,7 +154,8 @@ class PreferenceDataModule(LightningDataModule):
         tok = self.tokenizer
         key = json.dumps([source, extra, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
                           tok.chat_template, tok.eos_token, self.hparams.max_length, self.hparams.max_prompt_length,
-                          self.hparams.on_bad_row, "v3"])
+                          self.hparams.on_bad_row, "v3"] + ([self.hparams.chat_template_kwargs]
+                                                             if self.hparams.chat_template_kwargs else []))
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", f"{name}-{digest}.json")
 
@@ -165,7 +169,8 @@ class PreferenceDataModule(LightningDataModule):
             origin = "cached"
         else:
             pairs, counts = tokenize_rows(path, split, self.tokenizer, self.hparams.max_length,
-                                          self.hparams.max_prompt_length, rows, self.hparams.on_bad_row)
+                                          self.hparams.max_prompt_length, rows, self.hparams.on_bad_row,
+                                          self.hparams.chat_template_kwargs)
             origin = "tokenized"
             if cache and write:
                 with atomic_open(cache) as f:  # a reader never sees half a file

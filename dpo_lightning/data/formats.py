@@ -53,6 +53,7 @@ class PreferencePair:
     where: str
     chosen_unfinished: bool = False  # cut off by a length budget: no end-of-turn tokens after the text
     rejected_unfinished: bool = False
+    tools: Optional[list] = None  # the row's tool definitions (JSON schemas), handed to the chat template
 
     @property
     def conversational(self) -> bool:
@@ -164,4 +165,24 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
         if value is not None and not isinstance(value, bool):
             raise _bad(where, field, f"expected true or false, got {json.dumps(value, default=repr)}", "wrong type")
         unfinished[field] = bool(value)
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where, **unfinished)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where, **unfinished,
+                          tools=_tools(row, where, isinstance(chosen, list)))
+
+
+def _tools(row: dict[str, Any], where: str, conversational: bool) -> Optional[list]:
+    """The row's ``tools`` (TRL's column: a list of tool schemas for the chat template), or None."""
+    tools = row.get("tools")
+    if is_null(tools) or tools == []:
+        return None
+    if isinstance(tools, str):  # a column of JSON text, as some data sets store it
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise _bad(where, "tools", f"not valid JSON ({e.msg})", "wrong type") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _bad(where, "tools", f"expected a list of tool schemas (objects), got {type(tools).__name__}",
+                   "wrong type")
+    if not conversational:
+        raise _bad(where, "tools", "tools need conversational rows (lists of messages) for the chat template",
+                   "wrong type")
+    return tools

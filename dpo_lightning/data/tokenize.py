@@ -24,7 +24,7 @@ response, beyond one token merged across the boundary, or the response renders t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from jinja2.exceptions import TemplateError  # chat templates are jinja2 (a torch dependency)
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +47,8 @@ class TokenizedPair:
     boundary_mismatch: bool = False  # the template renders the prompt differently inside the conversation
 
 
-def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
+def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase,
+            chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[int], list[int], list[int]]:
     """Token ids of the prompt, prompt+chosen and prompt+rejected, before splitting."""
     if pair.conversational:
         if tokenizer.chat_template is None:
@@ -57,8 +58,9 @@ def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[l
         def ids(messages: list[dict[str, str]], field: str, generation_prompt: bool = False,
                 unfinished: bool = False) -> list[int]:
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=generation_prompt)
+                text = tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False,
+                                                     add_generation_prompt=generation_prompt,
+                                                     **(chat_template_kwargs or {}))
             except TemplateError as error:  # the template's own raise, e.g. Gemma's "System role not supported"
                 raise PreferenceDataError(f"{pair.where}: field '{field}': the chat template of "
                                           f"{tokenizer.name_or_path!r} refused the conversation: {error}",
@@ -94,9 +96,11 @@ def _cut_end_of_turn(text: str, content: str, where: str, field: str, tokenizer:
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int] = None,
-                  max_prompt_length: Optional[int] = None) -> Optional[TokenizedPair]:
-    """Tokenize one pair under the truncation policy above; ``None`` when the pair has to be dropped."""
-    prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer)
+                  max_prompt_length: Optional[int] = None,
+                  chat_template_kwargs: Optional[dict[str, Any]] = None) -> Optional[TokenizedPair]:
+    """Tokenize one pair under the truncation policy above; ``None`` when the pair has to be dropped.
+    ``chat_template_kwargs`` go to every ``apply_chat_template`` call (e.g. ``{"enable_thinking": false}``)."""
+    prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer, chat_template_kwargs)
     prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids),
                      common_prefix_length(prompt_ids, prompt_rejected_ids))
     if len(prompt_ids) - prompt_len > MAX_BOUNDARY_MERGE:
