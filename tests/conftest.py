@@ -114,14 +114,11 @@ def dpo_module(model_name_or_path: str, **settings):
     from dpo_lightning.training.module import DPOModule
     from dpo_lightning.training.settings import SETTINGS
 
-    if "reference_name_or_path" in settings:
-        settings["model_name_or_path_of_reference"] = settings.pop("reference_name_or_path")
     sections: dict[str, dict] = {name: {} for name in SETTINGS}
+    if "reference_name_or_path" in settings:
+        sections["reference"]["model_name_or_path"] = settings.pop("reference_name_or_path")
     top = {}
     for key, value in settings.items():
-        if key == "model_name_or_path_of_reference":
-            sections["reference"]["model_name_or_path"] = value
-            continue
         section = next((n for n, cls in SETTINGS.items() if key in {f.name for f in fields(cls)}), None)
         (sections[section] if section else top)[key] = value
     built = {name: SETTINGS[name](**values) for name, values in sections.items() if values}

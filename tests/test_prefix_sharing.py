@@ -271,3 +271,26 @@ def test_alibi_models_are_not_shared():
         assert "not among those whose shared rows were verified" in sharing.sharing_blocker(tiny_of_type(model_type))
     assert "with ALiBi" in sharing.sharing_blocker(T.FalconForCausalLM(T.FalconConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, alibi=True)))
+
+
+def test_the_layout_is_chosen_once_with_the_mask_mapping_decided(monkeypatch):
+    # a mixed full/sliding model: choose_layout tries the mapping once; the steps then never try it again
+    from functools import partial
+
+    import dpo_lightning.model.prefix_sharing as sharing
+
+    model = tiny_architecture("qwen2_mixed", window=4)
+    layout = sharing.choose_layout([model], prefix_sharing=True)
+    assert isinstance(layout, partial) and layout.func is sharing.shared_prefix_logps
+    assert layout.keywords == {"mask_mapping": True}
+    assert sharing.choose_layout([model], prefix_sharing=False) is response_logps
+    assert sharing.choose_layout([tiny_architecture("qwen2", window=4)], True) is sharing.shared_prefix_logps
+    batch = PreferenceCollator(pad_token_id=0)(LONG_AND_SHORT)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    tried = []
+    real = sharing.takes_mask_mapping
+    monkeypatch.setattr(sharing, "takes_mask_mapping", lambda m: tried.append(m) or real(m))
+    with torch.no_grad():
+        shared = layout(model, *inputs)
+    assert tried == []  # rows longer than the window, yet no trial forward in the step
+    assert torch.allclose(shared.logps, response_logps(model, *inputs).logps, atol=1e-6)

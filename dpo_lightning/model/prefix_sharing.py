@@ -21,6 +21,7 @@ Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -109,17 +110,21 @@ def choose_layout(models: Sequence[nn.Module], prefix_sharing: bool, blocker: Op
                   explain: bool = False) -> Callable[..., ResponseLogps]:
     """The log-prob function every model of ``models`` runs a batch with: :func:`shared_prefix_logps` when
     ``prefix_sharing`` is asked for and neither a model (:func:`sharing_blocker`) nor ``blocker`` stands in the
-    way, else :func:`~dpo_lightning.model.logprobs.response_logps`. ``explain`` says why on global rank 0."""
+    way, else :func:`~dpo_lightning.model.logprobs.response_logps`. ``explain`` says why on global rank 0. For
+    models whose layers attend differently, whether they take a mask mapping is tried here, once, not every step."""
     blocker = next((b for b in map(sharing_blocker, models) if b), None) or blocker
     if prefix_sharing and blocker and explain:
         rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
     if not prefix_sharing or blocker:
         return response_logps
-    pattern = attention_pattern(models[0].config)
-    if explain and pattern.mixed and not takes_mask_mapping(models[0]):
+    if not attention_pattern(models[0].config).mixed:
+        return shared_prefix_logps
+    mask_mapping = all(takes_mask_mapping(model) for model in models)
+    if explain and not mask_mapping:
         rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full, and sliding "
-                       f"over {pattern.window} tokens); batches with a longer row run in the plain layout")
-    return shared_prefix_logps
+                       f"over {attention_pattern(models[0].config).window} tokens); batches with a longer row run in "
+                       "the plain layout")
+    return functools.partial(shared_prefix_logps, mask_mapping=mask_mapping)
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -182,17 +187,19 @@ def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, 
 
 
 def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                        chunk_size: int = 1024, token_stats: bool = False,
-                        ld_alpha: Optional[float] = None) -> ResponseLogps:
+                        chunk_size: int = 1024, token_stats: bool = False, ld_alpha: Optional[float] = None,
+                        mask_mapping: Optional[bool] = None) -> ResponseLogps:
     """The same :class:`~dpo_lightning.model.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
-    forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``."""
+    forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``; ``mask_mapping``: whether the
+    model takes a mask per kind of layer (:func:`takes_mask_mapping`), tried when None and needed."""
     blocker = sharing_blocker(model)
     if blocker:
         raise ValueError(f"model.prefix_sharing: {blocker}; or turn prefix sharing off")
     implementation = model.config._attn_implementation
     pattern = attention_pattern(model.config)
     bites = pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window
-    if bites and pattern.mixed and not takes_mask_mapping(model):  # one mask cannot serve full and sliding layers
+    if bites and pattern.mixed and not (takes_mask_mapping(model) if mask_mapping is None else mask_mapping):
+        # one mask cannot serve full and sliding layers
         warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
                       "layers attend differently run in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,

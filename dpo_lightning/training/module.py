@@ -109,7 +109,7 @@ class DPOModule(LightningModule):
     @property
     def share_prefix(self) -> bool:
         """Whether batches run in the prefix-sharing layout (decided in ``configure_model``)."""
-        return self.logps_fn is shared_prefix_logps
+        return getattr(self.logps_fn, "func", self.logps_fn) is shared_prefix_logps
 
     # ---------------------------------------------------------------------------------------- the step
     def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, ResponseLogps]:
