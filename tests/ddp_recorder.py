@@ -23,6 +23,7 @@ class RecordRank(Callback):
         exports = [cb for cb in trainer.callbacks if isinstance(cb, HFExport)]
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches,
                   "data_written": trainer.datamodule.written,
+                  "tables": [getattr(trainer.datamodule, f"{s}_pairs").key for s in ("train", "val")],
                   "export_written": [p for cb in exports for p in cb.written]}
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:

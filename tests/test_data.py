@@ -176,13 +176,15 @@ def test_datamodule_split_cache_and_batches(tmp_path, tiny_model_dir, pairs_json
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 6 and batch["loss_mask"].shape == batch["input_ids"].shape
     cached = list((tmp_path / "cache" / "tokenized").iterdir())
-    assert len(cached) == 2
+    assert len(cached) == 1  # the file is tokenized once; both splits are index sets over its table
+    assert dm.written == [str(cached[0])]
     dm2 = PreferenceDataModule(**kwargs)
-    dm2.setup("fit")  # served from the cache: identical pairs
-    assert dm2.train_pairs == dm.train_pairs and dm2.val_pairs == dm.val_pairs
+    dm2.setup("fit")  # served from the cache: identical pairs, nothing written
+    assert dm2.written == [] and dm2.train_pairs == dm.train_pairs and dm2.val_pairs == dm.val_pairs
+    assert sorted(dm.train_pairs.rows.tolist() + dm.val_pairs.rows.tolist()) == list(range(8))
     other = PreferenceDataModule(**{**kwargs, "max_length": 20, "max_prompt_length": 10})
     other.setup("fit")  # different settings -> a different cache entry, not a stale hit
-    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 4
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
     assert other.train_pairs != dm.train_pairs
 
 

@@ -51,8 +51,12 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batch(tiny_model_dir, tin
                 for row in b["chosen"]]
         assert len(seen) == len(set(seen)) == 6  # every training pair once per epoch, across the two ranks
 
-    # only rank 0 wrote the tokenized cache and the exported model
-    assert len(ranks[0]["data_written"]) == 2 and ranks[1]["data_written"] == []
+    # only rank 0 wrote the tokenized cache (one table: the val fraction is an index set over it) and the exported
+    # model; rank 1 memory-mapped the same table
+    assert len(ranks[0]["data_written"]) == 1 and ranks[1]["data_written"] == []
+    assert ranks[0]["tables"] == ranks[1]["tables"]
+    assert [p.name for p in (tmp_path / "run2" / "cache" / "tokenized").iterdir()] == \
+        [os.path.basename(ranks[0]["data_written"][0])]
     assert ranks[0]["export_written"] and ranks[1]["export_written"] == []
     pre = runs["pre"][1]
-    assert len(pre[0]["data_written"]) == 2 and pre[1]["data_written"] == []
+    assert len(pre[0]["data_written"]) == 1 and pre[1]["data_written"] == []

@@ -9,72 +9,51 @@ import random
 from collections import Counter
 from typing import Any, Optional
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..atomic import atomic_open
 from ..model.loading import load_tokenizer
-from .collate import REF_KEY, PreferenceCollator, padded_length
-from .formats import BadRowPolicy, PreferenceDataError, normalize_row
-from .reading import fingerprint_source, read_rows
+from . import tokenized
+from .collate import PreferenceCollator
+from .formats import BadRowPolicy, PreferenceDataError
+from .reading import fingerprint_source, hub_fingerprint
 from .sampling import EpochShuffleSampler, ResumableDataLoader, padding_fraction
-from .tokenize import tokenize_pair
+from .table import COLUMNS, PairTable, reference_table
 
-_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
+CACHE_VERSION = "v4"
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],
-                  max_prompt_length: Optional[int], rows: Optional[list] = None, on_bad_row: BadRowPolicy = "error",
-                  chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[dict], Counter]:
-    """Read, normalise and tokenize every row of ``path``; returns the kept pairs and the counts of what
-    happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``).
+                  max_prompt_length: Optional[int], on_bad_row: BadRowPolicy = "error",
+                  chat_template_kwargs: Optional[dict[str, Any]] = None, num_proc: int = 1,
+                  ) -> tuple[PairTable, Counter]:
+    """Read, normalise and tokenize every row of ``path`` (in memory, no cache); returns the kept pairs and the
+    counts of what happened to the others (``dropped: ...``) and to the kept ones (``truncated: ...``).
 
     A bad row raises :class:`PreferenceDataError` naming file, row and field; under ``on_bad_row="skip"`` it is
     counted by kind (``dropped: bad row, <kind>``) and its message is logged instead."""
-    rows = read_rows(path, split, on_bad_row) if rows is None else rows
-    counts: Counter = Counter(read=len(rows))
-    kept, skipped = [], []
-    for where, raw in tqdm(rows, desc=f"Tokenizing {os.path.basename(path) or path}", disable=len(rows) < 2000):
-        try:
-            if isinstance(raw, PreferenceDataError):  # a line the reader could not parse (skip policy)
-                raise raw
-            pair = normalize_row(raw, where)
-            if pair.identical:
-                counts["dropped: chosen identical to rejected"] += 1
-                continue
-            tok = tokenize_pair(pair, tokenizer, max_length, max_prompt_length, chat_template_kwargs)
-        except PreferenceDataError as error:
-            if on_bad_row == "error" or error.kind is None:
-                raise
-            counts[f"dropped: bad row, {error.kind}"] += 1
-            skipped.append(str(error))
-            continue
-        if tok is None:
-            counts[f"dropped: prompt leaves no room within max_length {max_length}"] += 1
-            continue
-        counts["truncated: prompt cut to max_prompt_length"] += tok.prompt_truncated
-        counts["truncated: response cut to max_length"] += tok.completion_truncated
-        counts["note: last prompt token merged with the response"] += tok.boundary_mismatch
-        kept.append({c: getattr(tok, c) for c in _COLUMNS})
-    for message in skipped[:MAX_LOGGED_SKIPS]:
+    settings = dict(max_length=max_length, max_prompt_length=max_prompt_length, on_bad_row=on_bad_row,
+                    chat_template_kwargs=chat_template_kwargs)
+    table = tokenized.build(path, split, tokenizer, settings, num_proc)
+    return _select(table, path, None, "in-memory")
+
+
+def _select(table: Any, path: str, rows: Optional[np.ndarray], key: str) -> tuple[PairTable, Counter]:
+    """The kept pairs among ``rows`` of a tokenized table, and their counts; logs the skipped rows' messages."""
+    counts = tokenized.count(table, rows)
+    messages, skipped = tokenized.errors(table, rows, MAX_LOGGED_SKIPS)
+    for message in messages:
         rank_zero_warn(f"[dpo_lightning] skipped (data.on_bad_row=skip): {message}")
-    if len(skipped) > MAX_LOGGED_SKIPS:
-        rank_zero_warn(f"[dpo_lightning] ... and {len(skipped) - MAX_LOGGED_SKIPS} more skipped rows in {path}")
-    if not kept:
-        raise PreferenceDataError(f"{path}: no usable pairs ({summarize(counts)})")
-    return kept, counts
-
-
-def summarize(counts: Counter) -> str:
-    """One line: how many pairs were read and kept, and why any were dropped or truncated."""
-    dropped = sum(v for k, v in counts.items() if k.startswith("dropped"))
-    details = ", ".join(f"{k.split(': ', 1)[1]}: {v}" for k, v in sorted(counts.items()) if ": " in k and v)
-    return f"{counts['read']} read, {counts['read'] - dropped} kept" + (f" ({details})" if details else "")
+    if skipped > len(messages):
+        rank_zero_warn(f"[dpo_lightning] ... and {skipped - len(messages)} more skipped rows in {path}")
+    kept = tokenized.kept_rows(table, rows)
+    tokenized.check_usable(path, kept, counts)
+    return PairTable(table.data, kept, key), counts
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -99,8 +78,8 @@ class PreferenceDataModule(LightningDataModule):
         val_batch_size: pairs per validation step; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: pad sequence length to a multiple of this (8 helps tensor cores).
-        cache_dir: where tokenized data is cached, keyed by data content, tokenizer and settings;
-            ``None`` disables caching.
+        cache_dir: where tokenized data is cached as memory-mapped Arrow tables, keyed by data content, tokenizer
+            and settings; ``None`` tokenizes in memory on every run.
         group_by_length: batch pairs of similar length together (shuffled groups of ``length_group_batches``
             batches, sorted by length): less padding, so faster steps; the start-of-fit log line gives the padding
             share either way. On by default (off in ``transformers``); set false for a plain shuffle.
@@ -114,6 +93,8 @@ class PreferenceDataModule(LightningDataModule):
         chat_template_kwargs: extra arguments of every ``apply_chat_template`` call, e.g. ``{enable_thinking:
             false}`` for thinking models (TRL's option of the same name). A row's ``tools`` column goes to the
             template too.
+        num_proc: processes that tokenize (``datasets``' ``map``); the result is cached, so this only matters the
+            first time a data set is seen.
     """
 
     def __init__(self, train_path: str, tokenizer_name_or_path: str, val_path: Optional[str] = None,
@@ -122,7 +103,8 @@ class PreferenceDataModule(LightningDataModule):
                  batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
                  group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error",
-                 trust_remote_code: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 trust_remote_code: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None,
+                 num_proc: int = 1) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -131,13 +113,16 @@ class PreferenceDataModule(LightningDataModule):
                              f"({max_length}) to leave room for the response")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if num_proc < 1:
+            raise ValueError(f"data.num_proc must be at least 1, got {num_proc}")
         if length_group_batches < 1:
             raise ValueError(f"data.length_group_batches must be at least 1, got {length_group_batches}")
         self.save_hyperparameters()
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
-        self.train_pairs: Optional[list[dict]] = None
-        self.val_pairs: Optional[list[dict]] = None
-        self.written: list[str] = []  # cache files this process wrote (only one process per node writes)
+        self.train_pairs: Optional[PairTable] = None
+        self.val_pairs: Optional[PairTable] = None
+        self.written: list[str] = []  # cache directories this process wrote (only one process per node writes)
+        self._tables: dict[tuple[str, str], tuple[Any, str]] = {}  # (path, split) -> (table, origin), during setup
 
     # ------------------------------------------------------------------------------------------- setup
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -145,102 +130,96 @@ class PreferenceDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path, self.hparams.trust_remote_code)
         return self.tokenizer
 
-    def _cache_path(self, name: str, path: str, split: str, extra: str = "") -> Optional[str]:
-        if self.hparams.cache_dir is None:
-            return None
-        source = fingerprint_source(path, split)
-        if not source:
-            return None
-        tok = self.tokenizer
-        key = json.dumps([source, extra, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
-                          tok.chat_template, tok.eos_token, self.hparams.max_length, self.hparams.max_prompt_length,
-                          self.hparams.on_bad_row, "v3"] + ([self.hparams.chat_template_kwargs]
-                                                             if self.hparams.chat_template_kwargs else []))
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", f"{name}-{digest}.json")
+    def _settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return dict(max_length=hp.max_length, max_prompt_length=hp.max_prompt_length, on_bad_row=hp.on_bad_row,
+                    chat_template_kwargs=hp.chat_template_kwargs)
 
-    def _load(self, name: str, path: str, split: str, rows: Optional[list], extra: str, write: bool) -> list[dict]:
-        """Tokenized pairs from the cache, or tokenized now (and cached when ``write``)."""
-        cache = self._cache_path(name, path, split, extra)
-        if cache and os.path.exists(cache):
-            with open(cache) as f:
-                blob = json.load(f)
-            pairs, counts = blob["pairs"], Counter(blob["counts"])
+    def _cache(self, path: str, split: str) -> tuple[Optional[str], str]:
+        """Where the tokenized table of ``path`` is cached (None: no cache), and its key."""
+        source = fingerprint_source(path, split) or hub_fingerprint(path, split)
+        tok = self.load_tokenizer()
+        key = hashlib.sha256(json.dumps([
+            source or f"unkeyed:{path}|{split}", tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
+            tok.chat_template, tok.eos_token, self._settings(), CACHE_VERSION]).encode()).hexdigest()[:24]
+        if self.hparams.cache_dir is None or not source:
+            return None, key
+        return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", key), key
+
+    def _table(self, path: str, split: str) -> tuple[Any, str]:
+        """The tokenized table of ``path`` (memory-mapped from the cache, else tokenized now) and its key."""
+        directory, key = self._cache(path, split)
+        if (path, split) not in self._tables:
+            table = tokenized.load_cached(directory) if directory else None
             origin = "cached"
-        else:
-            pairs, counts = tokenize_rows(path, split, self.tokenizer, self.hparams.max_length,
-                                          self.hparams.max_prompt_length, rows, self.hparams.on_bad_row,
-                                          self.hparams.chat_template_kwargs)
-            origin = "tokenized"
-            if cache and write:
-                with atomic_open(cache) as f:  # a reader never sees half a file
-                    json.dump({"pairs": pairs, "counts": dict(counts)}, f)
-                self.written.append(cache)
-        rank_zero_info(f"[dpo_lightning] {name} data {path} ({origin}): {summarize(counts)}")
-        return pairs
+            if table is None:
+                table, origin = tokenized.build(path, split, self.tokenizer, {**self._settings(), "key": key},
+                                                self.hparams.num_proc, directory), "tokenized"
+                if directory:
+                    self.written.append(directory)
+            self._tables[(path, split)] = table, origin
+        return self._tables[(path, split)][0], key
 
-    def _sources(self, stage: Optional[str]) -> list[tuple[str, str, str, Optional[list], str]]:
-        """``(name, path, split, rows, cache key extra)`` of each data set ``stage`` still needs."""
+    def _sources(self, stage: Optional[str]) -> list[tuple[str, str, str, Optional[str]]]:
+        """``(name, path, split, part)`` of each data set ``stage`` still needs; ``part`` is ``train`` or ``val``
+        of a training file split by ``data.val_fraction``, else None."""
         hp = self.hparams
         want_train = stage in (None, "fit") and self.train_pairs is None
         want_val = self.val_pairs is None and (hp.val_path is not None or hp.val_fraction > 0)
-        if hp.val_path is not None or hp.val_fraction == 0:
-            return ([("val", hp.val_path, hp.val_split, None, "")] if want_val else []) + \
-                   ([("train", hp.train_path, hp.train_split, None, "")] if want_train else [])
-        if not (want_train or want_val):
-            return []
-        rows = read_rows(hp.train_path, hp.train_split, hp.on_bad_row)
-        order = list(range(len(rows)))
-        random.Random(hp.split_seed).shuffle(order)
-        n_val = max(1, round(len(rows) * hp.val_fraction))
-        key = f"fraction={hp.val_fraction},seed={hp.split_seed}"
-        out = []
-        if want_val:
-            out.append(("val", hp.train_path, hp.train_split, [rows[i] for i in sorted(order[:n_val])], "val:" + key))
-        if want_train:
-            out.append(("train", hp.train_path, hp.train_split, [rows[i] for i in sorted(order[n_val:])],
-                        "train:" + key))
-        return out
+        by_fraction = hp.val_path is None and hp.val_fraction > 0
+        out = [("val", hp.train_path if by_fraction else hp.val_path, hp.train_split if by_fraction else hp.val_split,
+                "val" if by_fraction else None)] if want_val else []
+        return out + ([("train", hp.train_path, hp.train_split, "train" if by_fraction else None)]
+                      if want_train else [])
+
+    def _fraction_rows(self, n: int, part: str) -> np.ndarray:
+        """The raw rows of ``part`` when ``data.val_fraction`` of ``n`` rows is held out (seeded)."""
+        order = list(range(n))
+        random.Random(self.hparams.split_seed).shuffle(order)
+        n_val = max(1, round(n * self.hparams.val_fraction))
+        return np.sort(np.asarray(order[:n_val] if part == "val" else order[n_val:], dtype=np.int64))
 
     def prepare_data(self) -> None:
         """Tokenize into the cache. Lightning runs this on one process per node before ``setup``, so only that
-        process writes; the others read its files in ``setup``."""
+        process writes; the others memory-map its tables in ``setup``."""
         if self.hparams.cache_dir is None:
             return
-        self.load_tokenizer()
         stage = self.trainer.state.fn if self.trainer is not None else None  # "fit", "validate", ...
-        for name, path, split, rows, extra in self._sources(stage):
-            cache = self._cache_path(name, path, split, extra)
-            if cache and not os.path.exists(cache):
-                self._load(name, path, split, rows, extra, write=True)
+        for _, path, split, _ in self._sources(stage):
+            self._table(path, split)
+        self._tables.clear()
 
     def setup(self, stage: Optional[str] = None) -> None:
         sources = self._sources(stage)
-        if not sources:
-            return  # Lightning calls setup once per stage; keep what is already loaded
-        self.load_tokenizer()
-        for name, path, split, rows, extra in sources:
-            # under a trainer the cache was written by prepare_data; used on its own, setup writes it
-            pairs = self._load(name, path, split, rows, extra, write=self.trainer is None)
+        for name, path, split, part in sources:
+            table, key = self._table(path, split)
+            rows = self._fraction_rows(len(table), part) if part else None
+            pairs, counts = _select(table, path, rows, key + (f"|{part}" if part else ""))
+            origin = self._tables[(path, split)][1]
+            rank_zero_info(f"[dpo_lightning] {name} data {path} ({origin}): {tokenized.summarize(counts)}")
             setattr(self, f"{name}_pairs", pairs)
+        self._tables.clear()
 
     # ------------------------------------------------------------------------------- the loaded pairs
-    def pairs(self, split: str) -> Optional[list[dict]]:
+    def pairs(self, split: str) -> Optional[PairTable]:
         """The tokenized pairs of ``split`` (``train`` or ``val``; the test loop runs on ``val``), once set up."""
         return {"train": self.train_pairs, "val": self.val_pairs}[split]
 
     def needs_reference_logps(self, split: str) -> bool:
-        """Whether ``split`` is loaded and some of its pairs lack reference log-probs."""
-        return any(REF_KEY not in pair for pair in self.pairs(split) or ())
-
-    def attach_reference_logps(self, split: str, logps: Tensor) -> None:
-        """Keep each pair's ``[chosen, rejected]`` reference log-probs (``(N, 2)``, in the split's order) with the
-        pair, so that they follow it through every shuffle, epoch and DDP shard into ``batch["ref_logps"]``."""
+        """Whether ``split`` is loaded and its pairs lack reference log-probs."""
         pairs = self.pairs(split)
-        if logps.shape != (len(pairs), 2):
-            raise ValueError(f"reference log-probs of shape {tuple(logps.shape)} for {len(pairs)} {split} pairs")
-        for pair, values in zip(pairs, logps.tolist()):
-            pair[REF_KEY] = values
+        return pairs is not None and pairs.reference is None
+
+    def attach_reference_logps(self, split: str, logps: Any) -> None:
+        """Keep each pair's ``[chosen, rejected]`` reference log-probs (an ``(N, 2)`` tensor in the split's order,
+        or a table from ``table.reference_table``) as columns beside its tokens, so that they follow it through
+        every shuffle, epoch and DDP shard into ``batch["ref_logps"]``."""
+        pairs = self.pairs(split)
+        if isinstance(logps, Tensor):
+            if logps.shape != (len(pairs), 2):
+                raise ValueError(f"reference log-probs of shape {tuple(logps.shape)} for {len(pairs)} {split} pairs")
+            logps = reference_table(logps)
+        pairs.set_reference(logps)
 
     @property
     def collator(self) -> PreferenceCollator:
@@ -260,8 +239,8 @@ class PreferenceDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         hp, pairs = self.hparams, self.train_pairs
-        prompt, chosen, rejected = ([len(p[k]) for p in pairs] for k in _COLUMNS)
-        lengths = [padded_length(p) for p in pairs] if hp.group_by_length else None
+        prompt, chosen, rejected = (pairs.lengths(c) for c in COLUMNS)
+        lengths = pairs.padded_lengths() if hp.group_by_length else None
         self.train_sampler = EpochShuffleSampler(pairs, hp.shuffle_seed, world, rank, lengths, hp.batch_size,
                                                  hp.length_group_batches)
         order = self.train_sampler.global_order(0)[rank::world]

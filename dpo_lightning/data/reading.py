@@ -12,17 +12,18 @@ import io
 import json
 import lzma
 import os
+from contextlib import contextmanager
 from typing import IO, Any, Iterator, get_args
 
 from .formats import BadRowPolicy, PreferenceDataError
 
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None}  # None: through pyarrow
 JSON_SUFFIXES = (".jsonl", ".json")
-TABLE_SUFFIXES = (".parquet", ".csv")
+TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
-def _split_compression(path: str) -> tuple[str, str]:
+def split_compression(path: str) -> tuple[str, str]:
     """``("data.jsonl", ".gz")`` for ``data.jsonl.gz``; the compression is empty for a plain file."""
     stem, suffix = os.path.splitext(path)
     return (stem, suffix) if suffix in COMPRESSIONS else (path, "")
@@ -30,7 +31,7 @@ def _split_compression(path: str) -> tuple[str, str]:
 
 def _open_bytes(path: str) -> IO[bytes]:
     """The file's bytes, decompressed by its suffix."""
-    compression = _split_compression(path)[1]
+    compression = split_compression(path)[1]
     if compression == ".zst":  # zstandard ships with pyarrow, a dependency of datasets
         import pyarrow as pa
 
@@ -38,7 +39,7 @@ def _open_bytes(path: str) -> IO[bytes]:
     return COMPRESSIONS[compression](path, "rb") if compression else open(path, "rb")
 
 
-def _lines(path: str) -> Iterator[tuple[int, bytes, str]]:
+def iter_lines(path: str) -> Iterator[tuple[int, bytes, str]]:
     """``(line number, raw bytes, encoding)`` per line. A UTF-8 byte-order mark is dropped; a UTF-16 file (its
     mark tells) is decoded whole and its lines handed on in UTF-8."""
     with _open_bytes(path) as f:
@@ -57,37 +58,44 @@ def _lines(path: str) -> Iterator[tuple[int, bytes, str]]:
             yield lineno, raw, "UTF-8"
 
 
+def parse_json_line(raw: bytes, where: str, encoding: str = "UTF-8") -> Any:
+    """One JSON Lines line, or a :class:`PreferenceDataError` of kind ``not UTF-8`` or ``malformed JSON``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PreferenceDataError(f"{where}: not valid {encoding} (byte {e.start} of the line)", "not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}", "malformed JSON") from None
+
+
 def _read_json_lines(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
     """``(where, row)`` per non-blank line; a line that cannot be read is raised, or yielded as its
     :class:`PreferenceDataError` under ``on_bad_row="skip"``."""
-    for lineno, raw, encoding in _lines(path):
+    for lineno, raw, encoding in iter_lines(path):
+        if not raw.strip():
+            continue
         where = f"{path} line {lineno}"
         try:
-            line = raw.decode("utf-8")
-            if not line.strip():
-                continue
-            yield where, json.loads(line)
-        except UnicodeDecodeError as e:
-            error = PreferenceDataError(f"{where}: not valid {encoding} (byte {e.start} of the line)", "not UTF-8")
-        except json.JSONDecodeError as e:
-            error = PreferenceDataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}", "malformed JSON")
-        else:
-            continue
-        if on_bad_row == "error":
-            raise error
-        yield where, error
+            yield where, parse_json_line(raw, where, encoding)
+        except PreferenceDataError as error:
+            if on_bad_row == "error":
+                raise
+            yield where, error
 
 
-def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
-    """A JSON array of rows, or JSON Lines (whatever the suffix says: many ``.json`` files are JSON Lines)."""
-    lines = _lines(path)
+def is_json_array(path: str) -> bool:
+    """Whether a ``.json``/``.jsonl`` file holds one JSON array (else JSON Lines, whatever the suffix says: many
+    ``.json`` files are JSON Lines)."""
+    lines = iter_lines(path)
     first = next((raw for _, raw, _ in lines if raw.strip()), b"")
     lines.close()
-    if not first.lstrip().startswith(b"["):
-        yield from _read_json_lines(path, on_bad_row)
-        return
+    return first.lstrip().startswith(b"[")
+
+
+def read_json_array(path: str) -> list[Any]:
+    """The rows of a file holding one JSON array."""
     try:
-        text = b"".join(raw for _, raw, _ in _lines(path)).decode("utf-8")
+        text = b"".join(raw for _, raw, _ in iter_lines(path)).decode("utf-8")
         rows = json.loads(text)
     except UnicodeDecodeError as e:
         raise PreferenceDataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
@@ -96,7 +104,14 @@ def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]
     if not isinstance(rows, list):
         raise PreferenceDataError(f"{path}: expected a JSON array of rows or JSON Lines, got a JSON "
                                   f"{type(rows).__name__}")
-    for i, row in enumerate(rows):
+    return rows
+
+
+def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]:
+    if not is_json_array(path):
+        yield from _read_json_lines(path, on_bad_row)
+        return
+    for i, row in enumerate(read_json_array(path)):
         yield f"{path} row {i}", row
 
 
@@ -105,7 +120,8 @@ def _is_saved_dataset(path: str) -> bool:
                for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
 
 
-def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
+def table_dataset(path: str, split: str) -> Any:
+    """A ``datasets.Dataset`` of a Parquet, CSV or Arrow file, a ``save_to_disk`` directory or a hub data set."""
     import datasets
 
     if os.path.isdir(path):
@@ -117,19 +133,32 @@ def _read_with_datasets(path: str, split: str) -> Iterator[tuple[str, Any]]:
             if split not in ds:
                 raise PreferenceDataError(f"{path}: no split '{split}' (splits: {sorted(ds)})")
             ds = ds[split]
-    elif _split_compression(path)[0].endswith(".parquet"):
-        ds = datasets.Dataset.from_parquet(path)
-    elif _split_compression(path)[0].endswith(".csv"):
-        ds = datasets.Dataset.from_csv(path)
-    else:  # a dataset name on the Hugging Face Hub (or a loading script)
-        ds = datasets.load_dataset(path, split=split)
-    for i, row in enumerate(ds):
-        yield f"{path} row {i}", row
+        return ds
+    stem = split_compression(path)[0]
+    if stem.endswith(".parquet"):
+        return datasets.Dataset.from_parquet(path)
+    if stem.endswith(".csv"):
+        return datasets.Dataset.from_csv(path)
+    if stem.endswith(".arrow"):
+        return datasets.Dataset.from_file(path)
+    return datasets.load_dataset(path, split=split)  # a data set on the Hugging Face Hub (or a loading script)
+
+
+@contextmanager
+def decompression_errors(path: str) -> Iterator[None]:
+    """Turn the error of a damaged or mislabelled compressed file into a :class:`PreferenceDataError`."""
+    try:
+        yield
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        if not split_compression(path)[1]:
+            raise
+        raise PreferenceDataError(f"{path}: cannot be decompressed as {split_compression(path)[1]}: "
+                                  f"{error}") from None
 
 
 def is_local_file(path: str) -> bool:
     """Whether ``path`` names a file of a kind read here (a hub data set name names none)."""
-    return _split_compression(path)[0].endswith(JSON_SUFFIXES + TABLE_SUFFIXES)
+    return split_compression(path)[0].endswith(JSON_SUFFIXES + TABLE_SUFFIXES)
 
 
 def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error") -> list[tuple[str, Any]]:
@@ -142,16 +171,11 @@ def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error
         raise ValueError(f"on_bad_row must be one of {get_args(BadRowPolicy)}, got {on_bad_row!r}")
     if is_local_file(path) and not os.path.isfile(path):
         raise PreferenceDataError(f"{path}: file not found")
-    try:
-        if _split_compression(path)[0].endswith(JSON_SUFFIXES):
+    with decompression_errors(path):
+        if split_compression(path)[0].endswith(JSON_SUFFIXES):
             rows = list(_read_json(path, on_bad_row))
         else:
-            rows = list(_read_with_datasets(path, split))
-    except (OSError, EOFError, lzma.LZMAError) as error:  # a damaged or mislabelled compressed file
-        if not _split_compression(path)[1]:
-            raise
-        raise PreferenceDataError(f"{path}: cannot be decompressed as {_split_compression(path)[1]}: "
-                                  f"{error}") from None
+            rows = [(f"{path} row {i}", row) for i, row in enumerate(table_dataset(path, split))]
     if not rows:
         raise PreferenceDataError(f"{path}: no rows")
     return rows
@@ -179,5 +203,10 @@ def fingerprint_source(path: str, split: str) -> str:
                 full = os.path.join(root, name)
                 h.update(f"{os.path.relpath(full, path)}|{os.path.getsize(full)}|{os.path.getmtime(full)}".encode())
     else:
-        return ""  # hub data: not cached by content, see PreferenceDataModule
+        return ""  # not a local path: see hub_fingerprint
     return h.hexdigest()
+
+
+def hub_fingerprint(path: str, split: str) -> str:
+    """The fingerprint ``datasets`` gives a hub data set (it changes with the data set's revision)."""
+    return table_dataset(path, split)._fingerprint

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional, Sequence, Sized
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -33,26 +34,28 @@ class EpochShuffleSampler(DistributedSampler):
         super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
 
-    def global_order(self, epoch: int) -> list[int]:
+    def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's order over all ranks (``total_size`` indices); rank ``r`` takes positions ``r::W``."""
         generator = torch.Generator()
         generator.manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()  # as DistributedSampler
-        order += (order * -(-self.total_size // max(1, len(order))))[:self.total_size - len(order)]
+        order = torch.randperm(len(self.dataset), generator=generator).numpy()  # as DistributedSampler
+        order = np.concatenate([order, np.resize(order, self.total_size - len(order))])  # repeat the first ones
         if self.lengths is None:
             return order
+        lengths = np.asarray(self.lengths)
         step = self.batch_size * self.num_replicas  # one global batch
-        grouped: list[int] = []
+        grouped = []
         for start in range(0, len(order), step * self.group_batches):
-            group = sorted(order[start:start + step * self.group_batches], key=lambda i: -self.lengths[i])
-            batches = [group[k:k + step] for k in range(0, len(group), step)]
-            full = len(batches) - (len(batches[-1]) < step)
-            shuffled = torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches)))
-            grouped.extend(i for b in shuffled for i in batches[b])
-        return grouped
+            group = order[start:start + step * self.group_batches]
+            group = group[np.argsort(-lengths[group], kind="stable")]  # longest first, ties in shuffled order
+            n_batches = -(-len(group) // step)
+            full = n_batches - (len(group) % step != 0)  # the short last batch stays last
+            shuffled = torch.randperm(full, generator=generator).tolist() + list(range(full, n_batches))
+            grouped.extend(group[b * step:(b + 1) * step] for b in shuffled)
+        return np.concatenate(grouped) if grouped else order
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas])
+        return iter(self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas].tolist())
 
 
 def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
@@ -60,15 +63,18 @@ def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequen
     """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs and each
     batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``), or with ``shared`` its
     ``batch_size`` rows ``[prompt, chosen, rejected]`` (``model/prefix_sharing.py``)."""
-    real = slots = 0
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        if shared:
-            real += sum(prompt[i] + chosen[i] + rejected[i] for i in batch)
-            slots += len(batch) * max(prompt[i] + chosen[i] + rejected[i] for i in batch)
-        else:
-            real += sum(2 * prompt[i] + chosen[i] + rejected[i] for i in batch)
-            slots += 2 * len(batch) * max(prompt[i] + max(chosen[i], rejected[i]) for i in batch)
+    order = np.asarray(order, dtype=np.int64)
+    if len(order) == 0:
+        return 0.0
+    p, c, r = (np.asarray(x, dtype=np.int64)[order] for x in (prompt, chosen, rejected))
+    starts = np.arange(0, len(order), batch_size)
+    sizes = np.diff(np.append(starts, len(order)))
+    if shared:
+        real = int((p + c + r).sum())
+        slots = int((sizes * np.maximum.reduceat(p + c + r, starts)).sum())
+    else:
+        real = int((2 * p + c + r).sum())
+        slots = int(2 * (sizes * np.maximum.reduceat(p + np.maximum(c, r), starts)).sum())
     return 1.0 - real / slots if slots else 0.0
 
 

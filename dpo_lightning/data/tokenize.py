@@ -47,39 +47,37 @@ class TokenizedPair:
     boundary_mismatch: bool = False  # the template renders the prompt differently inside the conversation
 
 
-def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase,
-            chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the prompt, prompt+chosen and prompt+rejected, before splitting."""
+def render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase,
+           chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[str], bool]:
+    """The texts of the prompt, prompt+chosen and prompt+rejected, and whether the tokenizer adds its special
+    tokens to them (plain text: yes, as TRL; a rendered chat template has them already)."""
     if pair.conversational:
         if tokenizer.chat_template is None:
             raise PreferenceDataError(f"{pair.where}: conversational data needs a tokenizer with a chat template, "
                                       f"and {tokenizer.name_or_path!r} has none")
 
-        def ids(messages: list[dict[str, str]], field: str, generation_prompt: bool = False,
-                unfinished: bool = False) -> list[int]:
+        def text(messages: list[dict[str, str]], field: str, generation_prompt: bool = False,
+                 unfinished: bool = False) -> str:
             try:
-                text = tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False,
-                                                     add_generation_prompt=generation_prompt,
-                                                     **(chat_template_kwargs or {}))
+                out = tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False,
+                                                    add_generation_prompt=generation_prompt,
+                                                    **(chat_template_kwargs or {}))
             except TemplateError as error:  # the template's own raise, e.g. Gemma's "System role not supported"
                 raise PreferenceDataError(f"{pair.where}: field '{field}': the chat template of "
                                           f"{tokenizer.name_or_path!r} refused the conversation: {error}",
                                           "chat template refused the conversation") from error
-            if unfinished:
-                text = _cut_end_of_turn(text, messages[-1]["content"], pair.where, field, tokenizer)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return _cut_end_of_turn(out, messages[-1]["content"], pair.where, field, tokenizer) if unfinished else out
 
-        return (ids(pair.prompt, "prompt", True),
-                ids(pair.prompt + pair.chosen, "chosen", unfinished=pair.chosen_unfinished),
-                ids(pair.prompt + pair.rejected, "rejected", unfinished=pair.rejected_unfinished))
+        return [text(pair.prompt, "prompt", True),
+                text(pair.prompt + pair.chosen, "chosen", unfinished=pair.chosen_unfinished),
+                text(pair.prompt + pair.rejected, "rejected", unfinished=pair.rejected_unfinished)], False
     eos = tokenizer.eos_token or ""
 
     def with_eos(text: str, unfinished: bool) -> str:
         return text if unfinished or text.endswith(eos) else text + eos
 
-    return (tokenizer(pair.prompt)["input_ids"],
-            tokenizer(pair.prompt + with_eos(pair.chosen, pair.chosen_unfinished))["input_ids"],
-            tokenizer(pair.prompt + with_eos(pair.rejected, pair.rejected_unfinished))["input_ids"])
+    return [pair.prompt, pair.prompt + with_eos(pair.chosen, pair.chosen_unfinished),
+            pair.prompt + with_eos(pair.rejected, pair.rejected_unfinished)], True
 
 
 def _cut_end_of_turn(text: str, content: str, where: str, field: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -100,7 +98,16 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
                   chat_template_kwargs: Optional[dict[str, Any]] = None) -> Optional[TokenizedPair]:
     """Tokenize one pair under the truncation policy above; ``None`` when the pair has to be dropped.
     ``chat_template_kwargs`` go to every ``apply_chat_template`` call (e.g. ``{"enable_thinking": false}``)."""
-    prompt_ids, prompt_chosen_ids, prompt_rejected_ids = _render(pair, tokenizer, chat_template_kwargs)
+    texts, special = render(pair, tokenizer, chat_template_kwargs)
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    return split_pair(pair, *ids, max_length, max_prompt_length)
+
+
+def split_pair(pair: PreferencePair, prompt_ids: list[int], prompt_chosen_ids: list[int],
+               prompt_rejected_ids: list[int], max_length: Optional[int] = None,
+               max_prompt_length: Optional[int] = None) -> Optional[TokenizedPair]:
+    """The pair's prompt and response ids from the tokenized texts of :func:`render`, truncated by the policy
+    above; ``None`` when the pair has to be dropped."""
     prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids),
                      common_prefix_length(prompt_ids, prompt_rejected_ids))
     if len(prompt_ids) - prompt_len > MAX_BOUNDARY_MERGE:

@@ -2,14 +2,15 @@
 
 A DPO step otherwise runs the frozen reference forward on every batch of every epoch, and keeps a second model in
 memory for it. Here one no-grad pass over the train and validation pairs computes each pair's reference log-probs
-and hands them to the data module (``attach_reference_logps``), which keeps them with the pairs, so they follow
-each pair through any shuffle, epoch or DDP shard; batches carry them as ``batch["ref_logps"]`` and the reference
-model is released.
+and hands them to the data module (``attach_reference_logps``), which keeps them as two columns beside the pairs'
+tokens (``data/table.py``), so they follow each pair through any shuffle, epoch or DDP shard; batches carry them
+as ``batch["ref_logps"]`` and the reference model is released.
 
-The cache file is keyed by the reference's weights (file names, sizes and modification times), the dtype and
-precision, and the exact token ids of every pair: any change gives a new entry. Under DDP each rank computes its
-strided share of the pairs and the results are gathered, so every rank holds all of them; global rank 0 writes
-the file (temporary file + rename).
+The cache is an Arrow file, memory-mapped when read, keyed by the reference's weights (file names, sizes and
+modification times), the dtype and precision, and the pairs (the tokenized table's key, which hashes the data,
+tokenizer and settings, and which of its rows the split holds): any change gives a new entry. Under DDP each rank
+computes its strided share of the pairs and the results are gathered, so every rank holds all of them; global
+rank 0 writes the file (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
+from datasets.table import MemoryMappedTable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_open
-from ..data.collate import padded_length
 from ..data.reading import fingerprint_source
+from ..data.table import REF_COLUMNS, PairTable, reference_table
 from ..model.logprobs import ResponseLogps, response_logps
 from ..model.prefix_sharing import choose_layout
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 
 
 def weights_fingerprint(path: str) -> str:
@@ -49,16 +53,14 @@ def weights_fingerprint(path: str) -> str:
     return fingerprint_source(os.path.abspath(path), split="")
 
 
-def cache_file(cache_dir: str, name: str, pairs: list[dict], settings: list[Any]) -> str:
+def cache_file(cache_dir: str, name: str, pairs: PairTable, settings: list[Any]) -> str:
     """Where the reference log-probs of ``pairs`` under ``settings`` are cached."""
-    h = hashlib.sha256(json.dumps(settings).encode())
-    for p in pairs:
-        h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
-    return os.path.join(os.path.expanduser(cache_dir), "ref_logps", f"{name}-{h.hexdigest()[:24]}.pt")
+    h = hashlib.sha256(json.dumps([settings, pairs.fingerprint]).encode())
+    return os.path.join(os.path.expanduser(cache_dir), "ref_logps", f"{name}-{h.hexdigest()[:24]}.arrow")
 
 
 @torch.no_grad()
-def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Callable[[list[dict]], dict],
+def compute_reference_logps(reference: nn.Module, pairs: PairTable, collate: Callable[[list[dict]], dict],
                             batch_size: int, device: torch.device, chunk_size: int = 1024,
                             autocast: Optional[Callable[[], Any]] = None, desc: str = "Reference log-probs",
                             progress: bool = True, logps_fn: Callable[..., ResponseLogps] = response_logps) -> Tensor:
@@ -67,28 +69,31 @@ def compute_reference_logps(reference: nn.Module, pairs: list[dict], collate: Ca
     Pairs are visited longest first in batches of ``batch_size``, so padding stays small; the result is put back in
     the original order. ``logps_fn`` is ``response_logps`` or ``shared_prefix_logps`` (prompt encoded once).
     """
-    order = sorted(range(len(pairs)), key=lambda i: -padded_length(pairs[i]))
+    order = np.argsort(-pairs.padded_lengths(), kind="stable")
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress or len(order) <= batch_size):
         index = order[start:start + batch_size]
-        batch = collate([pairs[i] for i in index])
+        batch = collate(pairs.__getitems__(index))
         inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")]
         with autocast() if autocast is not None else nullcontext():
             logps = logps_fn(reference, *inputs, chunk_size=chunk_size).logps.float().cpu()  # (2B,)
-        out[index] = torch.stack(logps.chunk(2), dim=-1)  # (B, 2)
+        out[torch.from_numpy(index)] = torch.stack(logps.chunk(2), dim=-1)  # (B, 2)
     return out
 
 
 def save(path: str, logps: Tensor) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(logps, f)
+    """Write ``(N, 2)`` log-probs as an Arrow file of the columns ``table.REF_COLUMNS``."""
+    table = reference_table(logps).table
+    with atomic_open(path, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
 
 
-def load(path: str, n_pairs: int) -> Optional[Tensor]:
+def load(path: str, n_pairs: int) -> Optional[MemoryMappedTable]:
+    """The cached log-probs, memory-mapped, or None when there are none for ``n_pairs`` pairs."""
     if not os.path.exists(path):
         return None
-    logps = torch.load(path, weights_only=True)
-    return logps if logps.shape == (n_pairs, 2) else None
+    logps = MemoryMappedTable.from_file(path)
+    return logps if len(logps) == n_pairs and logps.column_names == list(REF_COLUMNS) else None
 
 
 def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], AbstractContextManager[nn.Module]],
@@ -136,7 +141,7 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
                    "the reference model is released")
 
 
-def _computed_on_all_ranks(trainer: Any, reference: nn.Module, pairs: list[dict], collate: Callable, batch_size: int,
+def _computed_on_all_ranks(trainer: Any, reference: nn.Module, pairs: PairTable, collate: Callable, batch_size: int,
                            chunk_size: int, desc: str, logps_fn: Callable[..., ResponseLogps]) -> Tensor:
     """``(N, 2)`` log-probs of all ``pairs`` on every rank: each DDP rank computes its strided share, then they
     are gathered (pair i came from rank i % world)."""
