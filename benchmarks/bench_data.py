@@ -109,7 +109,7 @@ def child(args) -> None:
 def measure(args, side: str, n: int, num_proc: int, data: str, cache: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model", args.model, "--data", data, "--cache", cache,
            "--num_proc", str(num_proc), "--batches", str(args.batches)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")

@@ -137,14 +137,14 @@ class PreferenceDataModule(LightningDataModule):
 
     def _cache(self, path: str, split: str) -> tuple[Optional[str], str]:
         """Where the tokenized table of ``path`` is cached (None: no cache), and its key."""
-        source = fingerprint_source(path, split) or hub_fingerprint(path, split)
+        cache_dir = os.path.expanduser(self.hparams.cache_dir) if self.hparams.cache_dir is not None else None
+        memo = os.path.join(cache_dir, "fingerprints") if cache_dir else None
+        source = fingerprint_source(path, split, memo) or hub_fingerprint(path, split)
         tok = self.load_tokenizer()
         key = hashlib.sha256(json.dumps([
-            source or f"unkeyed:{path}|{split}", tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
+            source, tok.backend_tokenizer.to_str() if tok.is_fast else tok.name_or_path,
             tok.chat_template, tok.eos_token, self._settings(), CACHE_VERSION]).encode()).hexdigest()[:24]
-        if self.hparams.cache_dir is None or not source:
-            return None, key
-        return os.path.join(os.path.expanduser(self.hparams.cache_dir), "tokenized", key), key
+        return (os.path.join(cache_dir, "tokenized", key) if cache_dir else None), key
 
     def _table(self, path: str, split: str) -> tuple[Any, str]:
         """The tokenized table of ``path`` (memory-mapped from the cache, else tokenized now) and its key."""

@@ -13,8 +13,9 @@ import json
 import lzma
 import os
 from contextlib import contextmanager
-from typing import IO, Any, Iterator, get_args
+from typing import IO, Any, Iterator, Optional, get_args
 
+from ..atomic import atomic_open
 from .formats import BadRowPolicy, PreferenceDataError
 
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None}  # None: through pyarrow
@@ -190,13 +191,25 @@ def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def fingerprint_source(path: str, split: str) -> str:
-    """A string that changes whenever the data behind ``path`` changes (used as part of cache keys)."""
+def fingerprint_source(path: str, split: str, memo_dir: Optional[str] = None) -> str:
+    """A string that changes whenever the data behind ``path`` changes (used as part of cache keys).
+
+    A file is hashed by content. With ``memo_dir`` the hash is remembered there under the file's path, size,
+    modification time and inode, so an unchanged multi-gigabyte file is not read again on the next run."""
     h = hashlib.sha256(f"{path}|{split}".encode())
     if os.path.isfile(path):
+        stat = os.stat(path)
+        stamp = f"{os.path.abspath(path)}|{split}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}"
+        memo = os.path.join(memo_dir, hashlib.sha256(stamp.encode()).hexdigest()[:32]) if memo_dir else None
+        if memo and os.path.exists(memo):
+            with open(memo) as f:
+                return f.read()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+        if memo:
+            with atomic_open(memo) as f:
+                f.write(h.hexdigest())
     elif os.path.isdir(path):
         for root, _, files in sorted(os.walk(path)):
             for name in sorted(files):
@@ -209,4 +222,6 @@ def fingerprint_source(path: str, split: str) -> str:
 
 def hub_fingerprint(path: str, split: str) -> str:
     """The fingerprint ``datasets`` gives a hub data set (it changes with the data set's revision)."""
+    if is_local_file(path):
+        raise PreferenceDataError(f"{path}: file not found")
     return table_dataset(path, split)._fingerprint
