@@ -3,7 +3,9 @@ that a second run reads without tokenizing; splits, lengths and reference log-pr
 Python objects."""
 
 import json
+import os
 import pickle
+import time
 
 import datasets
 import numpy as np
@@ -18,7 +20,7 @@ from dpo_lightning.data.table import PairTable, reference_table
 from dpo_lightning.data.tokenize import tokenize_pair
 from dpo_lightning.model.loading import load_tokenizer
 
-from conftest import PAIRS, conversational_rows
+from conftest import PAIRS, conversational_rows, write_jsonl
 
 BAD = [b'{"prompt": "hi", "chosen": "a"', b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}',
        b'{"prompt": "hi", "chosen": "a", "rejected": ""}', b'{"prompt": "hi", "chosen": 3, "rejected": "b"}']
@@ -144,3 +146,20 @@ def test_every_table_source_reads_the_same_pairs(tiny_model_dir, tmp_path):
     assert len(expected) == len(rows)
     for path in (arrow, tmp_path / "rows.parquet"):
         assert list(tokenize_rows(str(path), "train", tok, 64, 32)[0]) == list(expected), path
+
+
+def test_a_changed_file_gets_a_new_table_although_its_hash_is_remembered(tiny_model_dir, tmp_path):
+    rows = conversational_rows()
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    os.utime(path, (time.time() - 60, time.time() - 60))  # old enough for its hash to be remembered
+    kwargs = dict(train_path=path, tokenizer_name_or_path=tiny_model_dir, cache_dir=str(tmp_path / "cache"))
+    first = PreferenceDataModule(**kwargs)
+    first.setup("fit")
+    assert len(os.listdir(tmp_path / "cache" / "fingerprints")) == 1
+    again = PreferenceDataModule(**kwargs)
+    again.setup("fit")
+    assert again.written == [] and again.train_pairs == first.train_pairs
+    write_jsonl(path, rows[::-1])  # the same size, other content, a new modification time
+    changed = PreferenceDataModule(**kwargs)
+    changed.setup("fit")
+    assert changed.written and list(changed.train_pairs) == list(first.train_pairs)[::-1]

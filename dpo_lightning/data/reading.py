@@ -12,6 +12,7 @@ import io
 import json
 import lzma
 import os
+import time
 from contextlib import contextmanager
 from typing import IO, Any, Iterator, Optional, get_args
 
@@ -22,6 +23,7 @@ COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": No
 JSON_SUFFIXES = (".jsonl", ".json")
 TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+MEMO_AFTER_S = 2.0  # a file's content hash is remembered once it is this many seconds old
 
 
 def split_compression(path: str) -> tuple[str, str]:
@@ -207,7 +209,7 @@ def fingerprint_source(path: str, split: str, memo_dir: Optional[str] = None) ->
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        if memo:
+        if memo and time.time() - stat.st_mtime > MEMO_AFTER_S:  # a file written just now may change in the same tick
             with atomic_open(memo) as f:
                 f.write(h.hexdigest())
     elif os.path.isdir(path):

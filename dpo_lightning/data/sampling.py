@@ -55,7 +55,7 @@ class EpochShuffleSampler(DistributedSampler):
         return np.concatenate(grouped) if grouped else order
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas].tolist())
+        return map(int, self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas])  # no list
 
 
 def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],

@@ -141,6 +141,7 @@ def build(path: str, split: str, tokenizer: PreTrainedTokenizerBase, settings: d
         shutil.rmtree(raw_dir)
         with open(os.path.join(work, "done.json"), "w") as f:
             json.dump({"rows": rows, "source": path, "split": split}, f)
+        os.chmod(work, 0o755)  # mkdtemp makes it private; the cache is shared like any other
         try:
             os.rename(work, directory)
         except OSError:  # another process finished first: use its table
