@@ -20,7 +20,7 @@ from dpo_lightning.data.table import PairTable, reference_table
 from dpo_lightning.data.tokenize import tokenize_pair
 from dpo_lightning.model.loading import load_tokenizer
 
-from conftest import PAIRS, conversational_rows, write_jsonl
+from conftest import PAIRS, build_tokenizer, conversational_rows, write_jsonl
 
 BAD = [b'{"prompt": "hi", "chosen": "a"', b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}',
        b'{"prompt": "hi", "chosen": "a", "rejected": ""}', b'{"prompt": "hi", "chosen": 3, "rejected": "b"}']
@@ -163,3 +163,16 @@ def test_a_changed_file_gets_a_new_table_although_its_hash_is_remembered(tiny_mo
     changed = PreferenceDataModule(**kwargs)
     changed.setup("fit")
     assert changed.written and list(changed.train_pairs) == list(first.train_pairs)[::-1]
+
+
+def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_its_call_does(tmp_path, pairs_jsonl):
+    tok = build_tokenizer()
+    tok.backend_tokenizer.enable_padding(pad_id=0, pad_token="<pad>", length=64)
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.backend_tokenizer.padding is not None and loaded.backend_tokenizer.truncation is not None
+    got = list(tokenize_rows(pairs_jsonl, "train", loaded, 64, 32)[0])  # first: it meets the saved state
+    expected, _ = _row_by_row(pairs_jsonl, loaded, 64, 32)  # tokenizer(...) resets both before encoding
+    assert got == expected
+    assert max(len(p["chosen_ids"]) for p in expected) < 64 and len(expected[0]["prompt_ids"]) > 5

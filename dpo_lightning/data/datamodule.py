@@ -123,6 +123,7 @@ class PreferenceDataModule(LightningDataModule):
         self.val_pairs: Optional[PairTable] = None
         self.written: list[str] = []  # cache directories this process wrote (only one process per node writes)
         self._tables: dict[tuple[str, str], tuple[Any, str]] = {}  # (path, split) -> (table, origin), during setup
+        self._keys: dict[tuple[str, str], tuple[Optional[str], str]] = {}  # (path, split) -> (cache directory, key)
 
     # ------------------------------------------------------------------------------------------- setup
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -137,6 +138,11 @@ class PreferenceDataModule(LightningDataModule):
 
     def _cache(self, path: str, split: str) -> tuple[Optional[str], str]:
         """Where the tokenized table of ``path`` is cached (None: no cache), and its key."""
+        if (path, split) not in self._keys:
+            self._keys[(path, split)] = self._cache_key(path, split)
+        return self._keys[(path, split)]
+
+    def _cache_key(self, path: str, split: str) -> tuple[Optional[str], str]:
         cache_dir = os.path.expanduser(self.hparams.cache_dir) if self.hparams.cache_dir is not None else None
         memo = os.path.join(cache_dir, "fingerprints") if cache_dir else None
         source = fingerprint_source(path, split, memo) or hub_fingerprint(path, split)

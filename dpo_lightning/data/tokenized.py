@@ -44,9 +44,18 @@ MAP_BATCH = 256  # rows per map call: one tokenizer call encodes 3 x MAP_BATCH t
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, special: bool) -> list[list[int]]:
     """Token ids of ``texts``: a fast tokenizer's Rust ``encode_batch`` directly (the ids ``tokenizer(texts)`` gives,
     without building its Python encodings), else ``tokenizer(texts)``."""
-    if tokenizer.is_fast:
-        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=special)]
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    if not tokenizer.is_fast:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    backend = tokenizer.backend_tokenizer
+    # the state ``tokenizer(texts)`` sets before encoding: a saved tokenizer may carry padding or truncation
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
 
 
 def tokenize_batch(batch: dict[str, list], indices: list[int], *, source: RawSource,
