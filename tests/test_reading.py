@@ -14,7 +14,8 @@ import pytest
 
 from dpo_lightning.data.datamodule import tokenize_rows
 from dpo_lightning.data.formats import PreferenceDataError, normalize_row
-from dpo_lightning.data.reading import read_rows
+from dpo_lightning.data.reading import parse_json_line, read_rows
+from dpo_lightning.data.source import JSON, LINE, open_source
 from dpo_lightning.model.loading import load_tokenizer
 
 from conftest import PAIRS
@@ -27,31 +28,46 @@ def _plain(rows):
     return [row for _, row in rows]
 
 
+def read_arrow(path, split="train"):
+    """``(where, row)`` as the training path sees them: the source's Arrow rows, JSON parsed as its map does."""
+    dataset, source = open_source(path, split)
+    if not source.json_rows:
+        return [(source.where(i), row) for i, row in enumerate(dataset)]
+    return [(source.where(r[LINE]), parse_json_line(r[JSON], source.where(r[LINE]), source.encoding))
+            for r in dataset]
+
+
+READERS = pytest.mark.parametrize("read", [read_rows, read_arrow], ids=["python", "arrow"])
+
+
 @pytest.mark.parametrize("name, encode", [
     ("bom.jsonl", lambda text: codecs.BOM_UTF8 + text.encode("utf-8")),
     ("utf16le.jsonl", lambda text: text.encode("utf-16")),  # Python writes the mark, little-endian here
     ("utf16be.jsonl", lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be")),
     ("windows.jsonl", lambda text: text.replace("\n", "\r\n").encode("utf-8")),
 ])
-def test_byte_order_marks_and_line_ends_read_the_same_rows(tmp_path, name, encode):
+@READERS
+def test_byte_order_marks_and_line_ends_read_the_same_rows(read, tmp_path, name, encode):
     path = tmp_path / name
     path.write_bytes(encode(TEXT))
-    rows = read_rows(str(path))
+    rows = read(str(path))
     assert _plain(rows) == ROWS
     assert [where for where, _ in rows] == [f"{path} line {i}" for i in range(1, len(ROWS) + 1)]
 
 
-def test_a_json_array_with_a_byte_order_mark(tmp_path):
+@READERS
+def test_a_json_array_with_a_byte_order_mark(read, tmp_path):
     path = tmp_path / "rows.json"
     path.write_bytes(codecs.BOM_UTF8 + json.dumps(ROWS).encode())
-    assert _plain(read_rows(str(path))) == ROWS
+    assert _plain(read(str(path))) == ROWS
 
 
-def test_a_bad_line_in_utf16_names_its_line(tmp_path):
+@READERS
+def test_a_bad_line_in_utf16_names_its_line(read, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes((TEXT + '{"prompt": "hi", "chosen": "a"\n').encode("utf-16"))
     with pytest.raises(PreferenceDataError, match=rf"{path} line {len(ROWS) + 1}: malformed JSON"):
-        read_rows(str(path))
+        read(str(path))
 
 
 def _zstd(path, data):
@@ -65,29 +81,32 @@ def _zstd(path, data):
     (".xz", lambda path, data: path.write_bytes(lzma.compress(data))),
     (".zst", _zstd),
 ])
-def test_compressed_json_lines_read_the_same_rows_and_lines(tmp_path, suffix, write):
+@READERS
+def test_compressed_json_lines_read_the_same_rows_and_lines(read, tmp_path, suffix, write):
     path = tmp_path / f"pairs.jsonl{suffix}"
     write(path, TEXT.encode())
-    rows = read_rows(str(path))
+    rows = read(str(path))
     assert _plain(rows) == ROWS and rows[2][0] == f"{path} line 3"
 
 
-def test_a_damaged_compressed_file_is_named(tmp_path):
+@READERS
+def test_a_damaged_compressed_file_is_named(read, tmp_path):
     path = tmp_path / "pairs.jsonl.gz"
     path.write_bytes(gzip.compress(TEXT.encode())[:-20])  # cut short
     with pytest.raises(PreferenceDataError, match=rf"{path}: cannot be decompressed as \.gz"):
-        read_rows(str(path))
+        read(str(path))
     plain = tmp_path / "plain.jsonl.gz"
     plain.write_text(TEXT)  # named .gz, but not compressed
     with pytest.raises(PreferenceDataError, match="cannot be decompressed as .gz"):
-        read_rows(str(plain))
+        read(str(plain))
 
 
-def test_a_compressed_csv_reads_like_the_csv(tmp_path):
+@READERS
+def test_a_compressed_csv_reads_like_the_csv(read, tmp_path):
     lines = ["prompt,chosen,rejected"] + [",".join(f'"{v}"' for v in (p, c, r)) for p, c, r in PAIRS]
     path = tmp_path / "pairs.csv.gz"
     path.write_bytes(gzip.compress("\n".join(lines).encode()))
-    assert _plain(read_rows(str(path))) == ROWS
+    assert _plain(read(str(path))) == ROWS
 
 
 def test_null_and_nan_cells_of_parquet_and_csv_name_row_and_field(tmp_path, tiny_model_dir):
@@ -114,16 +133,35 @@ def test_nan_in_optional_fields_means_unset():
         normalize_row({"prompt": "a", "chosen": float("nan"), "rejected": "b"}, "f row 0")
 
 
-def test_paths_that_are_not_data(tmp_path):
+@READERS
+def test_paths_that_are_not_data(read, tmp_path):
     folder = tmp_path / "not_a_dataset"
     folder.mkdir()
     (folder / "pairs.jsonl").write_text(TEXT)
     with pytest.raises(PreferenceDataError, match="a directory, but not a data set saved with save_to_disk"):
-        read_rows(str(folder))
+        read(str(folder))
     for name in ("missing.jsonl", "missing.jsonl.gz", "missing.csv.gz", "missing.parquet"):
         with pytest.raises(PreferenceDataError, match=f"{name}: file not found"):
-            read_rows(str(tmp_path / name))
+            read(str(tmp_path / name))
     empty = tmp_path / "empty.jsonl.gz"
     empty.write_bytes(gzip.compress(b"\n\n"))
     with pytest.raises(PreferenceDataError, match="no rows"):
-        read_rows(str(empty))
+        read(str(empty))
+
+
+
+@pytest.mark.parametrize("name, write", [
+    ("bom.jsonl", lambda path: path.write_bytes(codecs.BOM_UTF8 + TEXT.encode())),
+    ("utf16.jsonl", lambda path: path.write_bytes(TEXT.encode("utf-16"))),
+    ("windows.jsonl", lambda path: path.write_bytes(TEXT.replace("\n", "\r\n").encode())),
+    ("pairs.jsonl.gz", lambda path: path.write_bytes(gzip.compress(TEXT.encode()))),
+    ("pairs.jsonl.zst", lambda path: _zstd(path, TEXT.encode())),
+    ("array.json.xz", lambda path: path.write_bytes(lzma.compress(json.dumps(ROWS).encode()))),
+])
+def test_every_encoding_and_compression_trains_on_the_plain_files_tokens(tmp_path, tiny_model_dir, name, write):
+    tok = load_tokenizer(tiny_model_dir)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(TEXT)
+    write(tmp_path / name)
+    assert list(tokenize_rows(str(tmp_path / name), "train", tok, 64, 32)[0]) == \
+        list(tokenize_rows(str(plain), "train", tok, 64, 32)[0])
