@@ -10,7 +10,7 @@ import time
 import datasets
 import numpy as np
 import pytest
-from datasets.table import ConcatenationTable, MemoryMappedTable
+from datasets.table import ConcatenationTable, MemoryMappedTable, concat_tables
 
 from dpo_lightning.data import tokenized
 from dpo_lightning.data.datamodule import PreferenceDataModule, tokenize_rows
@@ -176,3 +176,13 @@ def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_its_call_do
     expected, _ = _row_by_row(pairs_jsonl, loaded, 64, 32)  # tokenizer(...) resets both before encoding
     assert got == expected
     assert max(len(p["chosen_ids"]) for p in expected) < 64 and len(expected[0]["prompt_ids"]) > 5
+
+
+def test_pairs_are_read_across_record_batches(tiny_model_dir, pairs_jsonl):
+    pairs, _ = tokenize_rows(pairs_jsonl, "train", load_tokenizer(tiny_model_dir), 64, 32)
+    lists = list(pairs)
+    data = concat_tables([pairs.data] * 3)  # three record batches
+    assert data.table.column("chosen_ids").num_chunks == 3
+    table = PairTable(data, np.arange(3 * len(lists))[::-1], "k")
+    assert table.__getitems__([0, 7, 8, 15, 16, 23]) == [(lists * 3)[::-1][i] for i in (0, 7, 8, 15, 16, 23)]
+    assert list(table) == (lists * 3)[::-1]

@@ -33,9 +33,15 @@ class EpochShuffleSampler(DistributedSampler):
                  lengths: Optional[Sequence[int]] = None, batch_size: int = 1, group_batches: int = 50) -> None:
         super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
+        self._last: Optional[tuple[int, np.ndarray]] = None  # (epoch, its order)
 
     def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's order over all ranks (``total_size`` indices); rank ``r`` takes positions ``r::W``."""
+        if self._last is None or self._last[0] != epoch:  # the start-of-fit report and the epoch share one
+            self._last = epoch, self._global_order(epoch)
+        return self._last[1]
+
+    def _global_order(self, epoch: int) -> np.ndarray:
         generator = torch.Generator()
         generator.manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.dataset), generator=generator).numpy()  # as DistributedSampler
@@ -43,16 +49,18 @@ class EpochShuffleSampler(DistributedSampler):
         if self.lengths is None:
             return order
         lengths = np.asarray(self.lengths)
-        step = self.batch_size * self.num_replicas  # one global batch
-        grouped = []
-        for start in range(0, len(order), step * self.group_batches):
-            group = order[start:start + step * self.group_batches]
-            group = group[np.argsort(-lengths[group], kind="stable")]  # longest first, ties in shuffled order
-            n_batches = -(-len(group) // step)
-            full = n_batches - (len(group) % step != 0)  # the short last batch stays last
-            shuffled = torch.randperm(full, generator=generator).tolist() + list(range(full, n_batches))
-            grouped.extend(group[b * step:(b + 1) * step] for b in shuffled)
-        return np.concatenate(grouped) if grouped else order
+        n, step = len(order), self.batch_size * self.num_replicas  # step: one global batch
+        span = step * self.group_batches
+        # longest first within each group, ties in shuffled order (a stable sort keyed by group, then length)
+        ranked = order[np.lexsort((-lengths[order], np.arange(n) // span))]
+        batches = []  # global batch numbers in training order: each group's full batches shuffled, its short one last
+        for start in range(0, n, span):
+            size = min(span, n - start)
+            n_batches, full = -(-size // step), size // step
+            batches.append(start // step + torch.randperm(full, generator=generator).numpy())
+            batches.append(np.arange(start // step + full, start // step + n_batches))
+        positions = (np.concatenate(batches)[:, None] * step + np.arange(step)).ravel()
+        return ranked[positions[positions < n]]  # only the last batch can be short
 
     def __iter__(self) -> Iterator[int]:
         return map(int, self.global_order(self.epoch)[self.rank:self.total_size:self.num_replicas])  # no list

@@ -55,10 +55,12 @@ class PairTable(Sequence):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The pairs at ``indices`` in one Arrow read (the DataLoader's batched fetch)."""
         positions = np.asarray(indices, dtype=np.int64)
-        columns = self.data.table.select(list(COLUMNS)).take(pa.array(self.rows[positions])).to_pydict()
+        # fast_gather slices the record batches that hold the rows; Arrow's take on a chunked list column would first
+        # concatenate the whole column, a copy of every token for each batch
+        columns = self.data.fast_gather(self.rows[positions]).select(list(COLUMNS)).to_pydict()
         pairs = [dict(zip(COLUMNS, values)) for values in zip(*(columns[c] for c in COLUMNS))]
         if self.reference is not None:
-            ref = self.reference.table.take(pa.array(positions)).to_pydict()
+            ref = self.reference.fast_gather(positions).to_pydict()
             for pair, values in zip(pairs, zip(*(ref[c] for c in REF_COLUMNS))):
                 pair[REF_KEY] = list(values)
         return pairs
