@@ -192,7 +192,9 @@ class PreferenceDataModule(LightningDataModule):
             return
         stage = self.trainer.state.fn if self.trainer is not None else None  # "fit", "validate", ...
         for _, path, split, _ in self._sources(stage):
-            self._table(path, split)
+            directory, key = self._cache(path, split)
+            if not tokenized.is_cached(directory):
+                self._table(path, split)
         self._tables.clear()
 
     def setup(self, stage: Optional[str] = None) -> None:

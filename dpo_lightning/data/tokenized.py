@@ -124,9 +124,13 @@ def _shards(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "tokens*.arrow")))
 
 
+def is_cached(directory: Optional[str]) -> bool:
+    return directory is not None and os.path.exists(os.path.join(directory, "done.json"))
+
+
 def load_cached(directory: str) -> Optional[datasets.Dataset]:
     """The table cached in ``directory`` (memory-mapped), or None when there is none."""
-    if not os.path.exists(os.path.join(directory, "done.json")):
+    if not is_cached(directory):
         return None
     return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in _shards(directory)])
 
