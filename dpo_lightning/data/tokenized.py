@@ -30,9 +30,9 @@ from transformers import PreTrainedTokenizerBase
 from .formats import BadRowPolicy, PreferenceDataError, normalize_row
 from .reading import parse_json_line
 from .source import JSON, LINE, RawSource, open_source
+from .table import COLUMNS
 from .tokenize import render, split_pair
 
-COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 FLAGS = {1: "truncated: prompt cut to max_prompt_length", 2: "truncated: response cut to max_length",
          4: "note: last prompt token merged with the response"}
 FEATURES = datasets.Features({**{c: datasets.List(datasets.Value("int32")) for c in COLUMNS},
