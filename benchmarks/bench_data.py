@@ -60,6 +60,16 @@ def generate(path: str, n: int, seed: int = 0) -> None:
     os.replace(tmp, path)
 
 
+def draw(loader, start: float, batches: int) -> float:
+    """Seconds from ``start`` to ``loader``'s first batch; then ``batches`` more are drawn (not timed)."""
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start
+    for _ in range(batches):
+        next(it)
+    return first
+
+
 def run_ours(args) -> dict:
     from dpo_lightning.data.datamodule import PreferenceDataModule
 
@@ -68,12 +78,7 @@ def run_ours(args) -> dict:
                               max_length=1024, max_prompt_length=512, cache_dir=args.cache, num_proc=args.num_proc)
     dm.prepare_data()
     dm.setup("fit")
-    loader = iter(dm.train_dataloader())
-    next(loader)
-    first = time.perf_counter() - start
-    for _ in range(args.batches):
-        next(loader)
-    return {"first_batch_s": first, "pairs": len(dm.train_pairs)}
+    return {"first_batch_s": draw(dm.train_dataloader(), start, args.batches), "pairs": len(dm.train_pairs)}
 
 
 def run_trl(args) -> dict:
@@ -96,12 +101,8 @@ def run_trl(args) -> dict:
                        bf16=False)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=data,
                          processing_class=tok)
-    loader = iter(trainer.get_train_dataloader())
-    next(loader)
-    first = time.perf_counter() - start
-    for _ in range(args.batches):
-        next(loader)
-    return {"first_batch_s": first, "pairs": len(trainer.train_dataset)}
+    return {"first_batch_s": draw(trainer.get_train_dataloader(), start, args.batches),
+            "pairs": len(trainer.train_dataset)}
 
 
 class AnonymousPeak(threading.Thread):
