@@ -51,11 +51,6 @@ def completion_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_to
     return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
 
 
-def padded_length(pair: dict) -> int:
-    """Columns a tokenized pair takes in a plain batch: prompt + the longer response."""
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
-
-
 class PreferenceCollator:
     """Pads tokenized pairs into one :class:`PreferenceBatch`.
 

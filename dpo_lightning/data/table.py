@@ -81,7 +81,7 @@ class PairTable(Sequence):
         return self._lengths[column]
 
     def padded_lengths(self) -> np.ndarray:
-        """Columns each pair takes in a plain batch: prompt + the longer response (``collate.padded_length``)."""
+        """Columns each pair takes in a plain batch (``PreferenceCollator``): prompt + the longer response."""
         return self.lengths("prompt_ids") + np.maximum(self.lengths("chosen_ids"), self.lengths("rejected_ids"))
 
     @property
