@@ -48,9 +48,9 @@ class RawSource:
         return f"{self.path} {self.unit} {number}"
 
 
-def _json_records(path: str) -> Iterator[tuple[int, bytes, str]]:
-    """``(line or index, JSON bytes, encoding)`` per row of a JSON Lines file or a JSON array."""
-    if is_json_array(path):
+def _json_records(path: str, array: bool) -> Iterator[tuple[int, bytes, str]]:
+    """``(line or index, JSON bytes, encoding)`` per row of a JSON Lines file or (``array``) a JSON array."""
+    if array:
         for index, row in enumerate(read_json_array(path)):
             yield index, json.dumps(row).encode(), "UTF-8"
         return
@@ -59,7 +59,7 @@ def _json_records(path: str) -> Iterator[tuple[int, bytes, str]]:
             yield lineno, raw, encoding
 
 
-def _write_json_rows(path: str, out: Optional[str]) -> tuple[datasets.Dataset, str]:
+def _write_json_rows(path: str, array: bool, out: Optional[str]) -> tuple[datasets.Dataset, str]:
     """The rows of a JSON file as ``(__line, __json)`` record batches, streamed to ``out`` (an Arrow file that is
     then memory-mapped) or kept in memory when ``out`` is None; also the file's encoding."""
     batches: list[pa.RecordBatch] = []
@@ -76,7 +76,7 @@ def _write_json_rows(path: str, out: Optional[str]) -> tuple[datasets.Dataset, s
         texts.clear()
 
     try:
-        for number, text, encoding in _json_records(path):
+        for number, text, encoding in _json_records(path, array):
             numbers.append(number)
             texts.append(text)
             if len(numbers) == WRITE_BATCH:
@@ -97,9 +97,9 @@ def open_source(path: str, split: str, workdir: Optional[str] = None) -> tuple[d
         raise PreferenceDataError(f"{path}: file not found")
     with decompression_errors(path):
         if split_compression(path)[0].endswith(JSON_SUFFIXES):
-            unit = "row" if is_json_array(path) else "line"
-            dataset, encoding = _write_json_rows(path, os.path.join(workdir, "raw.arrow") if workdir else None)
-            source = RawSource(path, json_rows=True, unit=unit, encoding=encoding)
+            array = is_json_array(path)  # read once: it opens (and decompresses) the file
+            dataset, encoding = _write_json_rows(path, array, os.path.join(workdir, "raw.arrow") if workdir else None)
+            source = RawSource(path, json_rows=True, unit="row" if array else "line", encoding=encoding)
         else:
             dataset, source = table_dataset(path, split), RawSource(path, json_rows=False)
     if len(dataset) == 0:
