@@ -21,6 +21,7 @@ from .pairs.build import build_pairs
 from .training.checkpoint_io import AtomicCheckpointIO
 from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
+from .training.throughput import ThroughputTelemetry
 from .training.module import DPOModule
 
 EXTRA_COMMANDS: dict[str, Callable] = {
@@ -39,6 +40,7 @@ class DPOLightningCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(GenerationProbes, "probes")
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(ThroughputTelemetry, "throughput")
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints go through :class:`AtomicCheckpointIO` unless the config names its own ``CheckpointIO``."""

@@ -30,6 +30,7 @@ def test_fit_then_validate_then_export(tiny_model_dir, pairs_jsonl, tmp_path):
     for name in TB_METRICS:
         assert f"train/{name}" in tags and f"val/{name}" in tags, name
     assert any(t.startswith("lr-") for t in tags)
+    assert {f"throughput/{n}" for n in ("pairs_per_sec", "tokens_per_sec", "padding_share", "step_time")} <= tags
     assert len(acc.Scalars("train/loss")) >= 2
 
     # the exported policy loads with plain transformers, differs from the start and generates

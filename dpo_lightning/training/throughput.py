@@ -1,0 +1,157 @@
+"""``ThroughputTelemetry``: what each optimizer step moved and how fast, to the loggers and the progress bar.
+
+Per optimizer step (all micro-batches of gradient accumulation, all ranks), logged under ``throughput/``:
+
+- ``pairs_per_sec``: preference pairs trained per second.
+- ``tokens_per_sec``: the pairs' own tokens per second, each prompt counted once with both responses, no padding:
+  the same count whichever layout ran, so it compares layouts and trainers.
+- ``padding_share``: share of the positions the policy ran over that were padding, in the layout that ran
+  (two rows per pair, or one shared row per pair with ``model.prefix_sharing``).
+- ``step_time``: seconds from the end of the previous optimizer step (or the first batch of the run) to the end
+  of this one, data loading included, validation excluded.
+- ``mfu`` (when the device's peak is known): model FLOPs utilisation, the step's model FLOPs over the time
+  and the devices' peak. Model FLOPs per token are ``6 N`` for a policy of ``N`` trained parameters (forward
+  ``2 N``, backward ``4 N``), ``4 N`` for a frozen base under LoRA (its weights get no gradients), plus ``2 N``
+  for a reference forward that runs during training (not when its log-probs are precomputed); attention's own
+  FLOPs are left out, as in the usual ``6 N`` estimate.
+
+When training ends, a one-line summary on rank 0: mean pairs/s and tokens/s, and the step time of the first and
+last ten steps, so a step time that grows over the run shows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+SUMMARY_STEPS = 10  # steps at the start and at the end of the run that the closing summary compares
+
+
+def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool) -> tuple[int, int, int, int]:
+    """``(pairs, tokens, filled, positions)`` of a ``(2B, T)`` batch: its pairs; their own tokens (prompt once,
+    both responses); and of the positions the policy runs over, those holding a token and all of them. Plain
+    layout: ``2B x T`` positions, each prompt filling two rows. Prefix sharing: ``B x L``, one
+    ``[prompt, chosen, rejected]`` row per pair, ``L`` the longest such row."""
+    n_pairs = attention_mask.shape[0] // 2
+    lengths = attention_mask.sum(-1)  # (2B,) prompt + response
+    rejected = loss_mask[n_pairs:].sum(-1)  # (B,)
+    per_pair = lengths[:n_pairs] + rejected  # (B,) prompt + chosen + rejected
+    tokens = int(per_pair.sum())
+    if shared:
+        return n_pairs, tokens, tokens, n_pairs * int(per_pair.max())
+    return n_pairs, tokens, int(lengths.sum()), attention_mask.numel()
+
+
+def flops_per_token(module: LightningModule) -> int:
+    """Model FLOPs per pair token of one training step (module docstring): the policy's forward and backward, and
+    the reference's forward when it runs during training."""
+    policy = getattr(module, "policy", None) or module
+    total = sum(p.numel() for p in policy.parameters())
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    flops = 6 * trained + 4 * (total - trained)
+    reference = getattr(module, "reference", None)
+    source = getattr(reference, "source", None)
+    if source == "model":
+        flops += 2 * sum(p.numel() for p in reference.model.parameters())
+    elif source == "adapters_off":  # LoRA: the policy with its adapters off
+        flops += 2 * total
+    return flops
+
+
+class ThroughputTelemetry(Callback):
+    """Pairs/s, tokens/s, padding share, step time and (on CUDA) MFU of every optimizer step, logged to the
+    loggers under ``throughput/`` every ``trainer.log_every_n_steps`` steps and shown in the progress bar.
+
+    Args:
+        enabled: set to false to log nothing.
+        peak_tflops: one device's peak dense TFLOP/s in the training precision, for ``throughput/mfu``; when unset,
+            Lightning's table of known CUDA devices (A100, H100, H200, L4, ...) is used. No MFU when neither knows it.
+    """
+
+    def __init__(self, enabled: bool = True, peak_tflops: Optional[float] = None) -> None:
+        if peak_tflops is not None and peak_tflops <= 0:
+            raise ValueError(f"throughput.peak_tflops must be positive, got {peak_tflops}")
+        self.enabled, self.peak_tflops = enabled, peak_tflops
+        self.peak_flops: Optional[float] = None
+        self.step_times: list[float] = []
+        self.totals = torch.zeros(3, dtype=torch.float64)  # pairs, tokens, seconds over the run (all ranks)
+        self._pending = torch.zeros(4, dtype=torch.float64)  # layout_counts of the step so far
+        self._start: Optional[float] = None
+        self._stepped = False
+        self._flops_per_token: Optional[int] = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.peak_flops = self.peak_tflops * 1e12 if self.peak_tflops else None
+        device = trainer.strategy.root_device
+        if self.peak_flops is None and device.type == "cuda":
+            self.peak_flops = get_available_flops(device, compute_dtype(trainer.precision))
+        self.step_times, self._start, self._flops_per_token = [], None, None
+        self.totals.zero_()
+        self._pending.zero_()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._stepped = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.enabled:
+            return
+        shared = bool(getattr(pl_module, "share_prefix", False))
+        self._pending += torch.tensor(layout_counts(batch["attention_mask"], batch["loss_mask"], shared),
+                                      dtype=torch.float64)
+        if not self._stepped:  # gradient accumulation: the step is not over
+            return
+        self._stepped = False
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, self._start = now - (self._start or now), now
+        counts = self._pending.to(trainer.strategy.root_device)
+        pairs, tokens, filled, positions = (float(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
+        self._pending.zero_()
+        self.step_times.append(seconds)
+        self.totals += torch.tensor([pairs, tokens, seconds], dtype=torch.float64)
+        figures = {"pairs_per_sec": pairs / seconds, "tokens_per_sec": tokens / seconds,
+                   "padding_share": 1.0 - filled / positions, "step_time": seconds}
+        if self.peak_flops:
+            if self._flops_per_token is None:
+                self._flops_per_token = flops_per_token(pl_module)
+            figures["mfu"] = self._flops_per_token * tokens / (seconds * self.peak_flops * trainer.world_size)
+        pl_module.log("pairs/s", figures["pairs_per_sec"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        pl_module.log("tok/s", figures["tokens_per_sec"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"throughput/{k}": v for k, v in figures.items()}, step=trainer.global_step - 1)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = None  # the next step is timed from its own first batch
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or not self.step_times:
+            return
+        pairs, tokens, seconds = self.totals.tolist()
+        first = statistics.mean(self.step_times[:SUMMARY_STEPS])
+        last = statistics.mean(self.step_times[-SUMMARY_STEPS:])
+        rank_zero_info(f"[dpo_lightning] throughput: {pairs / seconds:.3g} pairs/s, {tokens / seconds:.4g} tokens/s "
+                       f"over {len(self.step_times)} steps; step time {first:.3g} s (first {SUMMARY_STEPS}), "
+                       f"{last:.3g} s (last {SUMMARY_STEPS})")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype most matmuls run in under a Lightning precision setting."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
