@@ -21,8 +21,8 @@ from .pairs.build import build_pairs
 from .training.checkpoint_io import AtomicCheckpointIO
 from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
-from .training.throughput import ThroughputTelemetry
 from .training.module import DPOModule
+from .training.throughput import ThroughputTelemetry
 
 EXTRA_COMMANDS: dict[str, Callable] = {
     "build-pairs": build_pairs, "compare": compare, "export": export_checkpoint, "convert-gguf": convert_gguf,

@@ -5,6 +5,8 @@ import torch
 
 from dpo_lightning.training.optim import AdamW, WarmupDecayLR
 
+from conftest import DEVICES
+
 
 def lrs(decay, total=10, warmup_ratio=0.2):
     opt = AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -35,11 +37,12 @@ def test_no_warmup_starts_at_full_lr_and_defaults_are_dpo_sized():
     assert opt.defaults["lr"] == 1e-6 and opt.defaults["weight_decay"] == 0.0
 
 
-def test_adamw_takes_the_fused_kernel_and_matches_the_formula():
+@pytest.mark.parametrize("device", DEVICES)
+def test_adamw_takes_the_fused_kernel_and_matches_the_formula(device):
     # three steps of torch's fused kernel against AdamW written out in float64 (decoupled weight decay)
     torch.manual_seed(0)
-    start = torch.randn(5, 3)
-    grads = [torch.randn(5, 3) for _ in range(3)]
+    start = torch.randn(5, 3, device=device)
+    grads = [torch.randn(5, 3, device=device) for _ in range(3)]
     param = torch.nn.Parameter(start.clone())
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.1
     opt = AdamW([{"params": (p for p in [param])}], lr=lr, weight_decay=wd)  # a group given as a generator
@@ -47,7 +50,7 @@ def test_adamw_takes_the_fused_kernel_and_matches_the_formula():
     for g in grads:
         param.grad = g.clone()
         opt.step()
-    p, m, v = start.double(), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64)
+    p, m, v = start.double(), torch.zeros_like(start, dtype=torch.float64), torch.zeros_like(start, dtype=torch.float64)
     for t, g in enumerate(grads, start=1):
         g = g.double()
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g

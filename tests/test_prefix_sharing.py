@@ -11,7 +11,7 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
 
-from conftest import dpo_module, fit_tiny
+from conftest import DEVICES, dpo_module, fit_tiny
 
 
 def test_worked_example_layout():
@@ -42,19 +42,22 @@ def real_batch(tiny_model_dir, pairs_jsonl):
     return batch
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("plain_head", [True, False])
-def test_shared_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_jsonl, implementation, plain_head):
+def test_shared_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_jsonl, implementation, plain_head,
+                                                         device):
     batch = real_batch(tiny_model_dir, pairs_jsonl)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).double()
+    model.to(device)
     if not plain_head:  # as a soft-capping model: both paths go through the full logits
         model.config.final_logit_softcapping = 30.0
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    inputs = tuple(batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
     results = []
     for fn in (response_logps, shared_prefix_logps):
         model.zero_grad()
         out = fn(model, *inputs, chunk_size=7, token_stats=True, ld_alpha=0.3)
-        (out.logps * torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype)).sum().backward()
+        (out.logps * torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype, device=device)).sum().backward()
         results.append((out, [p.grad.clone() for p in model.parameters()]))
     (plain, plain_grads), (shared, shared_grads) = results
     assert torch.allclose(shared.logps, plain.logps, atol=1e-6)  # fp32 inside (rotary, eager softmax)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from ..losses import PairLogps, preference_metrics
 from ..model.logprobs import ResponseLogps
@@ -59,6 +59,16 @@ class PreferenceMetrics(nn.Module):
             f"{stage}_metrics": nn.ModuleDict({n.replace("/", "__"): MeanMetric(dist_sync_on_step=stage == "train")
                                   for n in names})
             for stage in STAGES})
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "PreferenceMetrics":
+        # ``Module.to(dtype)``, which Lightning's bf16-true and 16-true precisions apply to the whole module, turns
+        # torchmetrics' states into that dtype too: a mean accumulated in bf16 keeps about 3 significant digits.
+        # Half-precision states go back to float32.
+        super()._apply(fn, recurse)
+        for metric in self.modules():
+            if isinstance(metric, Metric) and metric.dtype in (torch.float16, torch.bfloat16):
+                metric.set_dtype(torch.float32)
+        return self
 
     def reset(self, stage: str) -> None:
         # States made under one grad mode (validate's inference mode) cannot be updated in place under
