@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
@@ -27,37 +26,7 @@ import sys
 import threading
 import time
 
-WORDS = ("the of and to in is that it for as with was on be by this are or his from at which but have an they not "
-         "you were her all she there would their we him been has when who will more no if out so said what up its "
-         "about into than them can only other new some could time these two may then do first any my now such like "
-         "our over man me even most made after also did many before must through back years where much your way "
-         "well down should because each just those people how too little state good very make world still own see "
-         "men work long get here between both life being under never day same another know while last might us "
-         "great old year off come since against go came right used take three model train data answer question "
-         "reason result value number system language learning gradient memory token sequence batch layer weight "
-         "loss reward policy reference preference chosen rejected sample function matrix vector compute").split()
-SYSTEM = "You are a careful assistant. Answer the question clearly and completely, and explain your reasoning."
-
-
-def _text(rnd: random.Random, words: int) -> str:
-    out = [rnd.choice(WORDS) for _ in range(words)]
-    for i in range(0, words, rnd.randint(12, 20)):
-        out[i] = out[i].capitalize()
-    return " ".join(out) + "."
-
-
-def generate(path: str, n: int, seed: int = 0) -> None:
-    """``n`` conversational pairs: system + ~120-word question, two ~180-word answers (seeded, so reproducible)."""
-    rnd = random.Random(seed)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for _ in range(n):
-            prompt = [{"role": "system", "content": SYSTEM},
-                      {"role": "user", "content": _text(rnd, rnd.randint(100, 140))}]
-            chosen, rejected = (_text(rnd, rnd.randint(150, 210)) for _ in range(2))
-            f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                                "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
-    os.replace(tmp, path)
+from synthetic import generate  # benchmarks/synthetic.py
 
 
 def draw(loader, start: float, batches: int) -> float:

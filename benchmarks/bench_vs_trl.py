@@ -1,15 +1,39 @@
-"""dpo_lightning vs TRL's DPOTrainer, same model, pairs and batch settings, in one run.
+"""dpo_lightning vs TRL's DPOTrainer, same model, pairs and batch settings, in one run, with the physical ceiling.
 
-    python benchmarks/bench_vs_trl.py --model models/SmolLM2-135M-Instruct --pairs data/demo/identity_pairs.jsonl
+    python benchmarks/bench_vs_trl.py --preset identity    # data/demo/identity_pairs.jsonl, max_length 256
+    python benchmarks/bench_vs_trl.py --preset real        # generated pairs, ~150-token questions, ~250-token answers
+    python benchmarks/bench_vs_trl.py --preset long --model random:qwen2.5-0.5b   # a GPU's shapes, random weights
 
-Each side runs in its own process (clean peak RSS): ``ours`` (DPOModule under a Lightning Trainer), ``trl``
-(DPOTrainer, its defaults but fp32 and no reporting) and ``plain`` (a causal-LM forward+backward over the same
-chosen+rejected tokens, the ceiling for a DPO step). Options follow the side after ``+``: ``pre`` precomputed
-reference log-probs (ours and TRL; the pass is before the first step and timed separately), ``lora`` LoRA r=16
-alpha=32 on every linear layer (ours and TRL), and for ours ``share`` (prefix sharing), ``group`` (length-grouped
-batches), ``compile`` (torch.compile of the decoder layers). The first optimizer step is warm-up and not timed.
-Prints pairs/s, real (non-pad) tokens/s, peak memory (RSS on CPU, max allocated on GPU), our padding share and
-ratios.
+Presets (each flag given on the command line wins):
+
+- ``identity``: ``data/demo/identity_pairs.jsonl`` (short identity pairs, prompts half of each pair), max_length
+  256, 2 pairs x 4 accumulation.
+- ``real``: generated pairs of users' lengths: system prompt + ~150-token question, two ~250-token answers
+  (``benchmarks/synthetic.py``), max_length 1024, 2 x 2.
+- ``long``: generated pairs of about 350 + 2 x 800 tokens, max_length 2048, 4 x 1.
+
+``--model`` is a local model directory, or ``random:SHAPE`` for random weights of a real model's shape
+(``synthetic.SHAPES``: ``qwen2.5-0.5b``, ``qwen2.5-1.5b``, ``tiny``) with a word-level tokenizer: no download.
+
+Each side runs in its own process (clean peak memory). The first optimizer step is warm-up and not timed.
+
+- ``ours``: DPOModule and PreferenceDataModule with the library's defaults (precomputed reference log-probs,
+  prefix sharing, length-grouped batches); options after ``+``: ``live`` (reference run each step), ``plain``
+  (no prefix sharing), ``nogroup``, ``gc`` (gradient checkpointing), ``lora`` (r 16, alpha 32, every linear
+  layer), ``compile``.
+- ``trl``: DPOTrainer with its defaults (gradient checkpointing on, reference run each step), fp32 weights
+  (bf16 autocast on CUDA), no reporting; options ``pre`` (precompute_ref_log_probs, timed separately), ``nogc``,
+  ``lora``.
+- ``plain``: a causal-LM forward+backward over the two padded rows of each pair, what a DPO step costs without
+  its reference and loss.
+- ``ceiling``: a causal-LM forward+backward over only each pair's own tokens (prompt once, then both responses,
+  one unpadded row per pair): the least work any DPO step on these pairs can do on this hardware.
+
+Printed per side: pairs/s; tokens/s (the pairs' own tokens, prompt once, as ``throughput/tokens_per_sec``); peak
+memory (RSS on CPU, max allocated on CUDA) and the peak above the floor of fp32 weights + gradients + AdamW states
+(16 bytes per trained parameter, 4 per frozen one); ours' padding share (``throughput/padding_share``); set-up time;
+on CUDA, MFU: ``6 N`` FLOPs per pair token (the policy's forward and backward) over time and the device's peak,
+the same useful work for every side. Then ratios against each TRL side and the ceiling.
 """
 
 from __future__ import annotations
@@ -23,6 +47,18 @@ import sys
 import time
 
 import torch
+from synthetic import generate, random_model  # benchmarks/synthetic.py
+
+PRESETS = {
+    "identity": dict(pairs="data/demo/identity_pairs.jsonl", max_length=256, batch_size=2, accumulation=4),
+    "real": dict(pairs="generated:64:100-140:170-230", max_length=1024, batch_size=2, accumulation=2),
+    "long": dict(pairs="generated:64:250-320:580-680", max_length=2048, batch_size=4, accumulation=1),
+}
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def peak_memory_gb() -> float:
@@ -31,22 +67,25 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def batches(args, group_by_length: bool = False):
-    """The tokenized pairs, in one fixed order, grouped into optimizer steps of batch x accumulation pairs."""
+def floor_gb(model: torch.nn.Module) -> float:
+    """fp32 weights + gradients + AdamW's two states of the trained parameters, the weights of the frozen ones."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return (16 * trained + 4 * frozen) / 2**30
+
+
+def data_module(args, **settings):
     from dpo_lightning.data.datamodule import PreferenceDataModule
 
     dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
                               max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None,
-                              group_by_length=group_by_length)
+                              **settings)
     dm.setup("fit")
     return dm
 
 
-def padding_share(dm) -> float:
-    from dpo_lightning.data.sampling import padding_fraction
-
-    columns = [[len(p[k]) for p in dm.train_pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
-    return padding_fraction(list(dm.train_sampler), *columns, dm.hparams.batch_size)
+def own_tokens(pair: dict) -> int:
+    return len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
 
 
 def run_ours(args) -> dict:
@@ -54,30 +93,32 @@ def run_ours(args) -> dict:
 
     from dpo_lightning.training.module import DPOModule
     from dpo_lightning.training.settings import CompileSettings, LoraSettings, ReferenceSettings
+    from dpo_lightning.training.throughput import ThroughputTelemetry
 
     options = set(args.options)
-    dm = batches(args, group_by_length="group" in options)
-    times, started = [], []
+    started = [time.perf_counter()]
 
     class Clock(Callback):
         def on_train_start(self, trainer, pl_module):
             started.append(time.perf_counter())  # after configure_model: the precompute pass is done
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            times.append(time.perf_counter())
-
-    started.append(time.perf_counter())
-    model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="pre" in options),
-                      prefix_sharing="share" in options, lora=LoraSettings(use_peft="lora" in options),
-                      compile=CompileSettings(torch_compile="compile" in options))  # every option explicit
-    trainer = Trainer(accelerator="auto", max_steps=args.steps + 1, accumulate_grad_batches=args.accumulation,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0)
+    dm = data_module(args, group_by_length="nogroup" not in options)
+    lora = LoraSettings(use_peft=True, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0) \
+        if "lora" in options else LoraSettings()  # every linear layer but the head, as TRL's all-linear
+    model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="live" not in options),
+                      prefix_sharing="plain" not in options, lora=lora, gradient_checkpointing="gc" in options,
+                      compile=CompileSettings(torch_compile="compile" in options))
+    telemetry = ThroughputTelemetry()
+    trainer = Trainer(accelerator="auto", devices=1, max_steps=args.steps + 1,
+                      accumulate_grad_batches=args.accumulation, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, precision="bf16-mixed" if device() == "cuda" else "32-true",
+                      enable_model_summary=False, callbacks=[Clock(), telemetry], limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
-    tokens = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in dm.train_pairs)
-    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation,
-            "tokens_per_pair": tokens / len(dm.train_pairs), "padding": padding_share(dm),
-            "setup_seconds": started[-1] - started[0]}
+    timed = telemetry.history[1:]  # the first step is warm-up
+    total = {k: sum(s[k] for s in timed) for k in ("step_time", "pairs", "tokens", "filled", "positions")}
+    return {"seconds": total["step_time"], "pairs": total["pairs"], "tokens": total["tokens"],
+            "padding": 1 - total["filled"] / total["positions"], "setup_seconds": started[-1] - started[0],
+            "floor_gb": floor_gb(model.policy), "params": sum(p.numel() for p in model.policy.parameters())}
 
 
 def run_trl(args) -> dict:
@@ -92,37 +133,44 @@ def run_trl(args) -> dict:
             started.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
     rows = [json.loads(line) for line in open(args.pairs)]
-    config = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch_size,
+    config = trl.DPOConfig(output_dir=os.path.join(args.workdir, "trl_out"),
+                           per_device_train_batch_size=args.batch_size,
                            gradient_accumulation_steps=args.accumulation, max_steps=args.steps + 1,
-                           max_length=args.max_length, bf16=False, report_to="none", logging_steps=1000,
-                           save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                           precompute_ref_log_probs="pre" in args.options)
+                           max_length=args.max_length, bf16=device() == "cuda", report_to="none", logging_steps=1000,
+                           save_strategy="no", use_cpu=device() == "cpu",
+                           precompute_ref_log_probs="pre" in args.options,
+                           **({"gradient_checkpointing": False} if "nogc" in args.options else {}))
     peft_config = None
     if "lora" in args.options:
         import peft
 
-        peft_config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                      task_type="CAUSAL_LM")
-    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
-                             args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
+        peft_config = peft.LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    trainer = trl.DPOTrainer(model=model, args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()],
                              peft_config=peft_config)
     trainer.train()
-    return {"seconds": times[-1] - times[0], "pairs": args.steps * args.batch_size * args.accumulation,
-            "setup_seconds": started[-1] - started[0]}
+    pairs = args.steps * args.batch_size * args.accumulation
+    return {"seconds": times[-1] - times[0], "pairs": pairs, "setup_seconds": started[-1] - started[0],
+            "floor_gb": floor_gb(trainer.model), "gradient_checkpointing": config.gradient_checkpointing}
 
 
-def run_plain(args) -> dict:
+def causal_lm_steps(args, rows_of) -> dict:
+    """Forward+backward of a causal LM over ``rows_of(batch)`` (``(input_ids, attention_mask, labels)`` tuples)
+    for each batch of the ours-side order; AdamW (fused, as ours and TRL's default) every ``accumulation``
+    batches. Timed from the end of the first optimizer step."""
     from transformers import AutoModelForCausalLM
 
-    dm = batches(args)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as TRL (adamw_torch_fused) and ours
-    loader = iter(dm.train_dataloader())
-    stamps = []
+    dm = data_module(args)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device()).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    loader, stamps = iter(dm.train_dataloader()), []
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device() == "cuda")
     for _ in range(args.steps + 1):
         for _ in range(args.accumulation):
             try:
@@ -130,38 +178,99 @@ def run_plain(args) -> dict:
             except StopIteration:
                 loader = iter(dm.train_dataloader())
                 batch = next(loader)
-            labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+            for input_ids, attention_mask, labels in rows_of(batch):
+                with autocast:
+                    loss = model(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()),
+                                 labels=labels.to(device())).loss
+                loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if device() == "cuda":
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
-    return {"seconds": stamps[-1] - stamps[0], "pairs": args.steps * args.batch_size * args.accumulation}
+    return {"seconds": stamps[-1] - stamps[0], "pairs": args.steps * args.batch_size * args.accumulation,
+            "floor_gb": floor_gb(model)}
+
+
+def run_plain(args) -> dict:
+    def rows_of(batch):
+        yield batch["input_ids"], batch["attention_mask"], batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
+    return causal_lm_steps(args, rows_of)
+
+
+def run_ceiling(args) -> dict:
+    def rows_of(batch):
+        n = batch["input_ids"].shape[0] // 2
+        for i in range(n):
+            chosen = batch["input_ids"][i][batch["attention_mask"][i] == 1]
+            rejected = batch["input_ids"][n + i][batch["loss_mask"][n + i] == 1]
+            ids = torch.cat([chosen, rejected])[None]  # (1, prompt + chosen + rejected)
+            labels = ids.clone()
+            labels[0, :len(chosen) - int(batch["loss_mask"][i].sum())] = -100  # the responses' tokens
+            yield ids, torch.ones_like(ids), labels
+    return causal_lm_steps(args, rows_of)
+
+
+def resolve(args) -> None:
+    """Fill what the preset sets and the command line left unset; make generated pairs and random models."""
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.model.startswith("random:"):
+        shape = args.model.split(":", 1)[1]
+        args.model = random_model(shape, os.path.join(args.workdir, f"random-{shape}"))
+    if args.pairs.startswith("generated:"):  # generated:N:QUESTION_WORDS:ANSWER_WORDS, ranges as lo-hi
+        _, n, question, answer = args.pairs.split(":")
+        path = os.path.join(args.workdir, args.pairs.replace(":", "_") + ".jsonl")
+        if not os.path.exists(path):
+            generate(path, int(n), question_words=tuple(map(int, question.split("-"))),
+                     answer_words=tuple(map(int, answer.split("-"))))
+        args.pairs = path
+
+
+def mean_own_tokens(args) -> float:
+    dm = data_module(args)
+    return sum(own_tokens(p) for p in dm.train_pairs) / len(dm.train_pairs)
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(torch.device("cuda"), torch.bfloat16)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="identity")
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
-    parser.add_argument("--pairs", default="data/demo/identity_pairs.jsonl")
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--accumulation", type=int, default=4)
-    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--pairs", help="a pairs file, or generated:N:QUESTION_WORDS:ANSWER_WORDS (lo-hi ranges)")
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--accumulation", type=int)
+    parser.add_argument("--max_length", type=int)
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
-    parser.add_argument("--sides", default="ours,trl,ours+pre,trl+pre,plain",
-                        help="what to run, in order: ours, trl, plain, each with +options (see above), e.g. "
-                             "ours+pre+share,trl+lora")
+    parser.add_argument("--sides", default="ours,trl,trl+pre,plain,ceiling",
+                        help="what to run, in order: ours, trl, plain, ceiling, each with +options (see above), e.g. "
+                             "ours+gc,trl+lora")
+    parser.add_argument("--workdir", default="/tmp/dpo_bench", help="generated pairs, random models, TRL's output")
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--side", help="internal: run one side and print JSON")
     parser.add_argument("--options", default="", help="internal: the side's options, '+'-separated")
     args = parser.parse_args()
+    resolve(args)
     torch.set_num_threads(os.cpu_count() or 1)
     args.options = [o for o in args.options.split("+") if o]
     if args.side:
-        result = {"ours": run_ours, "trl": run_trl, "plain": run_plain}[args.side](args)
+        runs = {"ours": run_ours, "trl": run_trl, "plain": run_plain, "ceiling": run_ceiling}
+        result = runs[args.side](args)
         result["peak_memory_gb"] = peak_memory_gb()
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    base = [f"--{k}={getattr(args, k)}" for k in ("model", "pairs", "batch_size", "accumulation", "max_length",
-                                                  "steps")]
+    base = [f"--{k}={getattr(args, k)}" for k in ("preset", "model", "pairs", "batch_size", "accumulation",
+                                                  "max_length", "steps", "workdir")]
     for label in args.sides.split(","):
         side, _, options = label.partition("+")
         command = [sys.executable, __file__, *base, "--side", side, "--options", options]
@@ -170,26 +279,38 @@ def main() -> None:
         if proc.returncode or not line:
             sys.exit(f"{label} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         results[label] = json.loads(line[0][len("RESULT "):])
-    tokens_per_pair = next(r["tokens_per_pair"] for r in results.values() if "tokens_per_pair" in r)
-    print(f"model {args.model}, batch {args.batch_size} x accumulation {args.accumulation}, max_length "
-          f"{args.max_length}, {args.steps} timed steps, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    report(args, results)
+
+
+def report(args, results: dict) -> None:
+    tokens_per_pair, peak = mean_own_tokens(args), peak_flops()
+    params = next((r["params"] for r in results.values() if "params" in r), None)
+    print(f"preset {args.preset}: model {args.model}, pairs {args.pairs} ({tokens_per_pair:.0f} own tokens a pair), "
+          f"batch {args.batch_size} x accumulation {args.accumulation}, max_length {args.max_length}, "
+          f"{args.steps} timed steps, device {torch.cuda.get_device_name() if device() == 'cuda' else 'cpu'}")
     width = max(9, *(len(label) for label in results))
-    print(f"{'side':{width}s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s} {'padding':>8s} {'setup s':>8s}")
+    print(f"{'side':{width}s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s} {'>floor':>7s} {'padding':>8s} "
+          f"{'setup s':>8s}" + (f" {'MFU':>6s}" if peak and params else ""))
     for label, r in results.items():
         r["pairs_per_s"] = r["pairs"] / r["seconds"]
+        r["tokens_per_s"] = r["tokens"] / r["seconds"] if "tokens" in r else r["pairs_per_s"] * tokens_per_pair
         padding = f"{r['padding']:8.1%}" if "padding" in r else f"{'':8s}"
         setup = f"{r['setup_seconds']:8.1f}" if "setup_seconds" in r else f"{'':8s}"
-        print(f"{label:{width}s} {r['pairs_per_s']:8.3f} {r['pairs_per_s'] * tokens_per_pair:9.1f} "
-              f"{r['peak_memory_gb']:8.2f} {padding} {setup}")
+        mfu = f" {6 * params * r['tokens_per_s'] / peak:6.1%}" if peak and params else ""
+        print(f"{label:{width}s} {r['pairs_per_s']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_memory_gb']:8.2f} "
+              f"{r['peak_memory_gb'] - r['floor_gb']:7.2f} {padding} {setup}{mfu}")
     anchors = [label for label in results if label.startswith("trl")]
     for label in (label for label in results if label.startswith("ours")):
-        for anchor in anchors:
-            a, b = results[label], results[anchor]
-            print(f"{label}/{anchor}: speed {a['pairs_per_s'] / b['pairs_per_s']:.2f}x, "
-                  f"memory {a['peak_memory_gb'] / b['peak_memory_gb']:.2f}x")
-        if "plain" in results:
-            print(f"{label}/plain forward+backward: speed "
-                  f"{results[label]['pairs_per_s'] / results['plain']['pairs_per_s']:.2f}x")
+        ours = results[label]
+        for anchor in anchors + [x for x in ("ceiling", "plain") if x in results]:
+            other = results[anchor]
+            print(f"{label}/{anchor}: speed {ours['pairs_per_s'] / other['pairs_per_s']:.2f}x, peak above floor "
+                  f"{ours['peak_memory_gb'] - ours['floor_gb']:.2f} / {other['peak_memory_gb'] - other['floor_gb']:.2f}"
+                  " GB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("side", "options")},
+                       "tokens_per_pair": tokens_per_pair, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
