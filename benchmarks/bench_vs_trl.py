@@ -13,7 +13,8 @@ Presets (each flag given on the command line wins):
 - ``long``: generated pairs of about 350 + 2 x 800 tokens, max_length 2048, 4 x 1.
 
 ``--model`` is a local model directory, or ``random:SHAPE`` for random weights of a real model's shape
-(``synthetic.SHAPES``: ``qwen2.5-0.5b``, ``qwen2.5-1.5b``, ``tiny``) with a word-level tokenizer: no download.
+(``synthetic.SHAPES``: ``qwen2.5-0.5b``, ``qwen2.5-1.5b``, ``tiny``) with a word-level tokenizer (one token a
+word): no download.
 
 Each side runs in its own process (clean peak memory). The first optimizer step is warm-up and not timed.
 
@@ -77,7 +78,7 @@ def floor_gb(model: torch.nn.Module) -> float:
 def data_module(args, **settings):
     from dpo_lightning.data.datamodule import PreferenceDataModule
 
-    dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
+    dm = PreferenceDataModule(train_path=args.pairs, tokenizer_name_or_path=args.tokenizer, batch_size=args.batch_size,
                               max_length=args.max_length, max_prompt_length=args.max_length // 2, cache_dir=None,
                               **settings)
     dm.setup("fit")
@@ -151,7 +152,7 @@ def run_trl(args) -> dict:
 
         peft_config = peft.LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    trainer = trl.DPOTrainer(model=model, args=config, processing_class=AutoTokenizer.from_pretrained(args.model),
+    trainer = trl.DPOTrainer(model=model, args=config, processing_class=AutoTokenizer.from_pretrained(args.tokenizer),
                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()],
                              peft_config=peft_config)
     trainer.train()
@@ -220,6 +221,8 @@ def resolve(args) -> None:
     if args.model.startswith("random:"):
         shape = args.model.split(":", 1)[1]
         args.model = random_model(shape, os.path.join(args.workdir, f"random-{shape}"))
+        args.tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer")
+    args.tokenizer = args.tokenizer or args.model
     if args.pairs.startswith("generated:"):  # generated:N:QUESTION_WORDS:ANSWER_WORDS, ranges as lo-hi
         _, n, question, answer = args.pairs.split(":")
         path = os.path.join(args.workdir, args.pairs.replace(":", "_") + ".jsonl")
@@ -246,6 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="identity")
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--tokenizer", help="the tokenizer's folder, when not the model's")
     parser.add_argument("--pairs", help="a pairs file, or generated:N:QUESTION_WORDS:ANSWER_WORDS (lo-hi ranges)")
     parser.add_argument("--batch_size", type=int)
     parser.add_argument("--accumulation", type=int)
@@ -269,8 +273,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    base = [f"--{k}={getattr(args, k)}" for k in ("preset", "model", "pairs", "batch_size", "accumulation",
-                                                  "max_length", "steps", "workdir")]
+    base = [f"--{k}={getattr(args, k)}" for k in ("preset", "model", "tokenizer", "pairs", "batch_size",
+                                                  "accumulation", "max_length", "steps", "workdir")]
     for label in args.sides.split(","):
         side, _, options = label.partition("+")
         command = [sys.executable, __file__, *base, "--side", side, "--options", options]

@@ -79,8 +79,9 @@ def word_tokenizer():
 
 
 def random_model(shape: str, out_dir: str, seed: int = 0) -> str:
-    """A Qwen2 model of ``shape`` (:data:`SHAPES`) with random weights and :func:`word_tokenizer`, saved to
-    ``out_dir`` (reused when already there); returns ``out_dir``."""
+    """A Qwen2 model of ``shape`` (:data:`SHAPES`) with random weights, saved to ``out_dir`` (reused when already
+    there), and :func:`word_tokenizer` in ``out_dir/tokenizer``; returns ``out_dir``. The tokenizer has a folder of
+    its own: ``AutoTokenizer`` given a folder with a Qwen2 config loads any tokenizer there as Qwen2's BPE."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     import torch
@@ -91,7 +92,7 @@ def random_model(shape: str, out_dir: str, seed: int = 0) -> str:
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     Qwen2ForCausalLM(config).save_pretrained(out_dir + ".tmp")
-    tok.save_pretrained(out_dir + ".tmp")
+    tok.save_pretrained(os.path.join(out_dir + ".tmp", "tokenizer"))
     os.replace(out_dir + ".tmp", out_dir)
     return out_dir
 
