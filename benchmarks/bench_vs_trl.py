@@ -27,8 +27,10 @@ Each side runs in its own process (clean peak memory). The first optimizer step 
   ``lora``.
 - ``plain``: a causal-LM forward+backward over the two padded rows of each pair, what a DPO step costs without
   its reference and loss.
-- ``ceiling``: a causal-LM forward+backward over only each pair's own tokens (prompt once, then both responses,
-  one unpadded row per pair): the least work any DPO step on these pairs can do on this hardware.
+- ``ceiling``: a causal-LM forward+backward over only each pair's own tokens (one row per pair: prompt once, then
+  both responses, plain causal attention), batched as ours in length-grouped order so the rows pad as little as
+  ours do: the least work any DPO step on these pairs can do on this hardware, without a reference, a mask or a
+  DPO head. On CPU, plain and ceiling reuse freed host memory as ours does (``training/host_memory.py``).
 
 Printed per side: pairs/s; tokens/s (the pairs' own tokens, prompt once, as ``throughput/tokens_per_sec``); peak
 memory (RSS on CPU, max allocated on CUDA) and the peak above the floor of fp32 weights + gradients + AdamW states
@@ -167,6 +169,10 @@ def causal_lm_steps(args, rows_of) -> dict:
     batches. Timed from the end of the first optimizer step."""
     from transformers import AutoModelForCausalLM
 
+    from dpo_lightning.training.host_memory import keep_freed_memory
+
+    if device() == "cpu":
+        keep_freed_memory()  # as ours: the ceiling is the least time, so it gets the same host memory reuse
     dm = data_module(args)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
@@ -202,13 +208,21 @@ def run_plain(args) -> dict:
 def run_ceiling(args) -> dict:
     def rows_of(batch):
         n = batch["input_ids"].shape[0] // 2
+        rows, labels = [], []
         for i in range(n):
-            chosen = batch["input_ids"][i][batch["attention_mask"][i] == 1]
+            chosen = batch["input_ids"][i][batch["attention_mask"][i] == 1]  # prompt + chosen
             rejected = batch["input_ids"][n + i][batch["loss_mask"][n + i] == 1]
-            ids = torch.cat([chosen, rejected])[None]  # (1, prompt + chosen + rejected)
-            labels = ids.clone()
-            labels[0, :len(chosen) - int(batch["loss_mask"][i].sum())] = -100  # the responses' tokens
-            yield ids, torch.ones_like(ids), labels
+            rows.append(torch.cat([chosen, rejected]))
+            label = rows[-1].clone()
+            label[:len(chosen) - int(batch["loss_mask"][i].sum())] = -100  # the prompt is context, not scored
+            labels.append(label)
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        target = torch.full((n, width), -100, dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            ids[i, :len(row)], mask[i, :len(row)], target[i, :len(row)] = row, 1, label
+        yield ids, mask, target
     return causal_lm_steps(args, rows_of)
 
 

@@ -1,7 +1,8 @@
 """Training on each device present, as ``benchmarks/gpu_check.sh`` runs it on a CUDA GPU (``pytest -m gpu``): bf16
-fits (mixed, and bf16 weights) that start at ln 2, log float32 means and export a changed model, and FSDP on one GPU with its export.
-The CUDA cases carry the ``gpu`` mark and are skipped without a CUDA device; the others run everywhere. Prefix
-sharing against the plain layout and the fused AdamW step take the same ``device`` parameter in their own files."""
+fits (mixed, and bf16 weights) that start at ln 2, log float32 means and export a changed model, and FSDP on one
+GPU with its export. The CUDA cases carry the ``gpu`` mark and are skipped without a CUDA device; the others run
+everywhere. Prefix sharing against the plain layout and the fused AdamW step take the same ``device`` parameter in
+their own files."""
 
 import math
 import os

@@ -20,6 +20,7 @@ from ..model.logprobs import ResponseLogps, response_logps, router_aux_coef
 from ..model.prefix_sharing import choose_layout, shared_prefix_logps
 from .accumulation import accumulation_weight
 from .checkpoint_io import trim_checkpoint
+from .host_memory import keep_freed_memory
 from .metrics import PreferenceMetrics, step_metrics
 from .optim import AdamW, WarmupDecayLR, clip_gradients, fit_schedules_to_run
 from .reference import Reference
@@ -85,6 +86,9 @@ class DPOModule(LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp, loss = self.hparams, self.loss_settings
+        trainer = self._trainer  # None when the module is used on its own
+        if trainer is not None and trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()  # each step's activations reuse the last step's pages (host_memory.py)
         self.policy = self._load(hp.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         self.router_aux_coef = router_aux_coef(self.policy, loss.router_aux_loss_coef)
@@ -94,7 +98,6 @@ class DPOModule(LightningModule):
             settings = self.lora_settings
             self.policy = lora_module.apply_lora(self.policy, settings.lora_r, settings.lora_alpha,
                                                  settings.lora_dropout, settings.lora_target_modules)
-        trainer = self._trainer  # None when the module is used on its own
         self.reference.setup(self.policy, trainer, [hp.dtype, hp.attn_implementation, str(getattr(trainer,
                              "precision", None))], {"chunk_size": hp.logits_chunk_size, "ld_alpha": loss.ld_alpha,
                                                     "prefix_sharing": hp.prefix_sharing})

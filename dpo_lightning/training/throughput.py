@@ -15,23 +15,37 @@ Per optimizer step (all micro-batches of gradient accumulation, all ranks), logg
   for a reference forward that runs during training (not when its log-probs are precomputed); attention's own
   FLOPs are left out, as in the usual ``6 N`` estimate.
 
-When training ends, a one-line summary on rank 0: mean pairs/s and tokens/s, and the step time of the first and
-last ten steps, so a step time that grows over the run shows.
+When training ends, a one-line summary on rank 0: mean pairs/s and tokens/s, and the tokens/s of the first and the
+last ten steps. When the last ten ran more than 1.3x slower, a warning says so with what the machine reported over
+the run: the CPU time its hypervisor withheld (steal) and the load average, since a host that gives the process less
+CPU (other jobs, a throttled burstable VM) slows every step alike.
 """
 
 from __future__ import annotations
 
-import statistics
+import os
 import time
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 SUMMARY_STEPS = 10  # steps at the start and at the end of the run that the closing summary compares
+SLOWDOWN = 1.3  # the end of the run this many times slower than its start draws a warning
+
+
+def host_cpu() -> Optional[tuple[int, int]]:
+    """(steal, total) CPU time of the whole machine since boot, in clock ticks (Linux ``/proc/stat``); None
+    elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
 
 
 def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool) -> tuple[int, int, int, int]:
@@ -80,21 +94,21 @@ class ThroughputTelemetry(Callback):
             raise ValueError(f"throughput.peak_tflops must be positive, got {peak_tflops}")
         self.enabled, self.peak_tflops = enabled, peak_tflops
         self.peak_flops: Optional[float] = None
-        self.step_times: list[float] = []
-        self.totals = torch.zeros(3, dtype=torch.float64)  # pairs, tokens, seconds over the run (all ranks)
+        self.history: list[dict[str, float]] = []  # the figures of each optimizer step of the run
         self._pending = torch.zeros(4, dtype=torch.float64)  # layout_counts of the step so far
         self._start: Optional[float] = None
         self._stepped = False
         self._flops_per_token: Optional[int] = None
+        self._host_start: Optional[tuple[int, int]] = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.peak_flops = self.peak_tflops * 1e12 if self.peak_tflops else None
         device = trainer.strategy.root_device
         if self.peak_flops is None and device.type == "cuda":
             self.peak_flops = get_available_flops(device, compute_dtype(trainer.precision))
-        self.step_times, self._start, self._flops_per_token = [], None, None
-        self.totals.zero_()
+        self.history, self._start, self._flops_per_token = [], None, None
         self._pending.zero_()
+        self._host_start = host_cpu()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._start is None:
@@ -120,32 +134,52 @@ class ThroughputTelemetry(Callback):
         counts = self._pending.to(trainer.strategy.root_device)
         pairs, tokens, filled, positions = (float(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
         self._pending.zero_()
-        self.step_times.append(seconds)
-        self.totals += torch.tensor([pairs, tokens, seconds], dtype=torch.float64)
         figures = {"pairs_per_sec": pairs / seconds, "tokens_per_sec": tokens / seconds,
                    "padding_share": 1.0 - filled / positions, "step_time": seconds}
         if self.peak_flops:
             if self._flops_per_token is None:
                 self._flops_per_token = flops_per_token(pl_module)
             figures["mfu"] = self._flops_per_token * tokens / (seconds * self.peak_flops * trainer.world_size)
+        self.history.append({"pairs": pairs, "tokens": tokens, "filled": filled, "positions": positions, **figures})
         pl_module.log("pairs/s", figures["pairs_per_sec"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         pl_module.log("tok/s", figures["tokens_per_sec"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        step = trainer.global_step - 1  # Lightning has counted this step already
+        if step % max(1, trainer.log_every_n_steps) == 0:
             for logger in trainer.loggers:
-                logger.log_metrics({f"throughput/{k}": v for k, v in figures.items()}, step=trainer.global_step - 1)
+                logger.log_metrics({f"throughput/{k}": v for k, v in figures.items()}, step=step)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start = None  # the next step is timed from its own first batch
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.enabled or not self.step_times:
+        if not self.enabled or not self.history:
             return
-        pairs, tokens, seconds = self.totals.tolist()
-        first = statistics.mean(self.step_times[:SUMMARY_STEPS])
-        last = statistics.mean(self.step_times[-SUMMARY_STEPS:])
+        pairs, tokens, seconds = (sum(step[k] for step in self.history) for k in ("pairs", "tokens", "step_time"))
+        first, last = (rate(self.history[part]) for part in (slice(SUMMARY_STEPS), slice(-SUMMARY_STEPS, None)))
         rank_zero_info(f"[dpo_lightning] throughput: {pairs / seconds:.3g} pairs/s, {tokens / seconds:.4g} tokens/s "
-                       f"over {len(self.step_times)} steps; step time {first:.3g} s (first {SUMMARY_STEPS}), "
-                       f"{last:.3g} s (last {SUMMARY_STEPS})")
+                       f"over {len(self.history)} steps; {first:.4g} tokens/s in the first {SUMMARY_STEPS}, "
+                       f"{last:.4g} in the last {SUMMARY_STEPS}")
+        if len(self.history) >= 2 * SUMMARY_STEPS and first > SLOWDOWN * last:
+            rank_zero_warn(f"[dpo_lightning] the last {SUMMARY_STEPS} steps ran {first / last:.1f}x slower than the "
+                           f"first {SUMMARY_STEPS} (tokens/s). {host_report(self._host_start)}")
+
+
+def rate(steps: list[dict[str, float]]) -> float:
+    """Tokens per second over ``steps``."""
+    return sum(s["tokens"] for s in steps) / max(sum(s["step_time"] for s in steps), 1e-9)
+
+
+def host_report(start: Optional[tuple[int, int]]) -> str:
+    """What the machine reported over the run: CPU steal and the load average (Linux), to tell a slower machine
+    from a slower step."""
+    end = host_cpu()
+    if start is None or end is None or end[1] <= start[1]:
+        return "The machine reports no CPU accounting here."
+    steal = (end[0] - start[0]) / (end[1] - start[1])
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    return (f"Over the run the hypervisor withheld {steal:.1%} of the machine's CPU time (steal); load average now "
+            f"{load} on {os.cpu_count()} CPUs. Other jobs on the machine or a throttled VM slow every step alike.")
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -1,0 +1,55 @@
+"""The parts of ``benchmarks/gpu_check.sh`` that run without a GPU: the synthetic inputs (generated pairs, the
+word-level tokenizer, a random model of a known shape) and ``bench_vs_trl.py`` end to end on a tiny shape, every
+side (ours, TRL, plain, the unique-token ceiling) reporting its figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import synthetic  # noqa: E402 - benchmarks/ is not a package
+
+
+def test_generated_pairs_have_the_asked_lengths_and_are_reproducible(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    synthetic.generate(str(a), 5, question_words=(30, 40), answer_words=(50, 60))
+    synthetic.generate(str(b), 5, question_words=(30, 40), answer_words=(50, 60))
+    assert a.read_text() == b.read_text()
+    for line in a.read_text().splitlines():
+        row = json.loads(line)
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert 30 <= len(row["prompt"][1]["content"].split()) <= 40
+        assert all(50 <= len(row[k][0]["content"].split()) <= 60 for k in ("chosen", "rejected"))
+
+
+def test_random_model_and_its_tokenizer_load_as_written(tmp_path):
+    path = synthetic.random_model("tiny", str(tmp_path / "m"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen2" and model.config.hidden_size == synthetic.SHAPES["tiny"]["hidden_size"]
+    tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    text = "You are a careful model. The reward of the policy"
+    ids = tok(text)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == text.replace(".", " .").split()  # one token a word, none unknown
+    assert max(ids) < model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_bench_vs_trl_runs_every_side(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_vs_trl.py"), "--preset", "real",
+                           "--model", "random:tiny", "--pairs", "generated:16:20-30:30-40", "--steps", "1",
+                           "--sides", "ours,trl,ceiling", "--workdir", str(tmp_path), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ours/trl: speed" in proc.stdout and "ours/ceiling: speed" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ours", "trl", "ceiling"}
+    for r in results.values():
+        assert r["pairs"] == 4 and r["seconds"] > 0 and r["peak_memory_gb"] > r["floor_gb"] > 0
+    assert 0 <= results["ours"]["padding"] < 1
