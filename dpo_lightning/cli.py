@@ -21,6 +21,7 @@ from .pairs.build import build_pairs
 from .training.checkpoint_io import AtomicCheckpointIO
 from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
+from .training.host_memory import keep_freed_memory
 from .training.module import DPOModule
 from .training.throughput import ThroughputTelemetry
 
@@ -67,6 +68,8 @@ class DPOLightningCLI(LightningCLI):
 
 def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     argv = sys.argv[1:] if args is None else list(args)
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # training and generation on CPU reuse freed pages (training/host_memory.py)
     if argv and argv[0] in EXTRA_COMMANDS:
         CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
         return None

@@ -6,7 +6,9 @@ activations and allocates them again the next step, so every step faults and zer
 2-core CPU with SmolLM2-135M and 2 pairs of ~560 tokens, about 480k page faults and 2.1 s of system time in an
 8.5 s micro-batch. With large blocks taken from the heap and the heap kept, the pages are reused: 140k faults,
 0.9 to 1.2 s of system time, and the micro-batch 0.82x to 0.94x the time, for about 0.3 GB more peak RSS
-(``benchmarks/bench_vs_trl.py``, docs/performance.md).
+(``benchmarks/bench_host_memory.py``). Generation gains too: ``build-pairs`` of the identity demo took 0.89x the
+time (docs/performance.md). The command line applies it on machines without CUDA, and ``DPOModule`` whenever it
+trains on the CPU.
 """
 
 from __future__ import annotations
