@@ -17,9 +17,9 @@ PAIRS = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
 def test_layout_counts_by_hand():
     batch = PreferenceCollator(pad_token_id=0)(PAIRS)
     # pair tokens: (3 + 2 + 1) + (2 + 1 + 2) = 11. Plain rows: 5, 3, 4, 4 tokens in a 4 x 5 batch.
-    assert layout_counts(batch["attention_mask"], batch["loss_mask"], shared=False) == (2, 11, 16, 20)
+    assert layout_counts(batch["attention_mask"], batch["loss_mask"], shared=False).tolist() == [2, 11, 16, 20]
     # shared rows: 6 and 5 tokens, padded to 6
-    assert layout_counts(batch["attention_mask"], batch["loss_mask"], shared=True) == (2, 11, 11, 12)
+    assert layout_counts(batch["attention_mask"], batch["loss_mask"], shared=True).tolist() == [2, 11, 11, 12]
 
 
 def test_shared_positions_are_the_layout_that_runs():
@@ -30,7 +30,7 @@ def test_shared_positions_are_the_layout_that_runs():
         pairs.append({"prompt_ids": list(range(1, p + 1)), "chosen_ids": [20] * c, "rejected_ids": [30] * r})
     batch = PreferenceCollator(pad_token_id=0)(pairs)
     layout = shared_layout(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    n, tokens, filled, positions = layout_counts(batch["attention_mask"], batch["loss_mask"], shared=True)
+    n, tokens, filled, positions = layout_counts(batch["attention_mask"], batch["loss_mask"], shared=True).tolist()
     assert positions == layout.input_ids.numel()
     assert tokens == filled == sum(len(q["prompt_ids"]) + len(q["chosen_ids"]) + len(q["rejected_ids"]) for q in pairs)
     assert n == 5

@@ -48,19 +48,20 @@ def host_cpu() -> Optional[tuple[int, int]]:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
 
 
-def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool) -> tuple[int, int, int, int]:
-    """``(pairs, tokens, filled, positions)`` of a ``(2B, T)`` batch: its pairs; their own tokens (prompt once,
-    both responses); and of the positions the policy runs over, those holding a token and all of them. Plain
-    layout: ``2B x T`` positions, each prompt filling two rows. Prefix sharing: ``B x L``, one
-    ``[prompt, chosen, rejected]`` row per pair, ``L`` the longest such row."""
+def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool) -> Tensor:
+    """``(4,)`` float64 on the batch's device, read without a device sync: ``pairs, tokens, filled, positions`` of
+    a ``(2B, T)`` batch. Its pairs; their own tokens (prompt once, both responses); and of the positions the policy
+    runs over, those holding a token and all of them. Plain layout: ``2B x T`` positions, each prompt filling two
+    rows. Prefix sharing: ``B x L``, one ``[prompt, chosen, rejected]`` row per pair, ``L`` the longest such row."""
     n_pairs = attention_mask.shape[0] // 2
     lengths = attention_mask.sum(-1)  # (2B,) prompt + response
-    rejected = loss_mask[n_pairs:].sum(-1)  # (B,)
-    per_pair = lengths[:n_pairs] + rejected  # (B,) prompt + chosen + rejected
-    tokens = int(per_pair.sum())
+    per_pair = lengths[:n_pairs] + loss_mask[n_pairs:].sum(-1)  # (B,) prompt + chosen + rejected
+    tokens = per_pair.sum()
     if shared:
-        return n_pairs, tokens, tokens, n_pairs * int(per_pair.max())
-    return n_pairs, tokens, int(lengths.sum()), attention_mask.numel()
+        filled, positions = tokens, per_pair.max() * n_pairs
+    else:
+        filled, positions = lengths.sum(), torch.full_like(tokens, attention_mask.numel())
+    return torch.stack([torch.full_like(tokens, n_pairs), tokens, filled, positions]).double()
 
 
 def flops_per_token(module: LightningModule) -> int:
@@ -95,7 +96,7 @@ class ThroughputTelemetry(Callback):
         self.enabled, self.peak_tflops = enabled, peak_tflops
         self.peak_flops: Optional[float] = None
         self.history: list[dict[str, float]] = []  # the figures of each optimizer step of the run
-        self._pending = torch.zeros(4, dtype=torch.float64)  # layout_counts of the step so far
+        self._pending: Optional[Tensor] = None  # layout_counts of the step so far
         self._start: Optional[float] = None
         self._stepped = False
         self._flops_per_token: Optional[int] = None
@@ -106,8 +107,7 @@ class ThroughputTelemetry(Callback):
         device = trainer.strategy.root_device
         if self.peak_flops is None and device.type == "cuda":
             self.peak_flops = get_available_flops(device, compute_dtype(trainer.precision))
-        self.history, self._start, self._flops_per_token = [], None, None
-        self._pending.zero_()
+        self.history, self._start, self._flops_per_token, self._pending = [], None, None, None
         self._host_start = host_cpu()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -122,8 +122,8 @@ class ThroughputTelemetry(Callback):
         if not self.enabled:
             return
         shared = bool(getattr(pl_module, "share_prefix", False))
-        self._pending += torch.tensor(layout_counts(batch["attention_mask"], batch["loss_mask"], shared),
-                                      dtype=torch.float64)
+        counts = layout_counts(batch["attention_mask"], batch["loss_mask"], shared)
+        self._pending = counts if self._pending is None else self._pending + counts
         if not self._stepped:  # gradient accumulation: the step is not over
             return
         self._stepped = False
@@ -132,8 +132,8 @@ class ThroughputTelemetry(Callback):
         now = time.perf_counter()
         seconds, self._start = now - (self._start or now), now
         counts = self._pending.to(trainer.strategy.root_device)
-        pairs, tokens, filled, positions = (float(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
-        self._pending.zero_()
+        pairs, tokens, filled, positions = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        self._pending = None
         figures = {"pairs_per_sec": pairs / seconds, "tokens_per_sec": tokens / seconds,
                    "padding_share": 1.0 - filled / positions, "step_time": seconds}
         if self.peak_flops:
