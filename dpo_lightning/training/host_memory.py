@@ -3,12 +3,11 @@
 glibc's ``malloc`` maps every large block (above a threshold it raises up to 32 MB) straight from the kernel and
 unmaps it when freed, and gives the top of its heap back once a little is free. A training step frees all its
 activations and allocates them again the next step, so every step faults and zeroes the same pages anew: on a
-2-core CPU with SmolLM2-135M and 2 pairs of ~560 tokens, about 480k page faults and 2.1 s of system time in an
-8.5 s micro-batch. With large blocks taken from the heap and the heap kept, the pages are reused: 140k faults,
-0.9 to 1.2 s of system time, and the micro-batch 0.82x to 0.94x the time, for about 0.3 GB more peak RSS
-(``benchmarks/bench_host_memory.py``). Generation gains too: ``build-pairs`` of the identity demo took 0.89x the
-time (docs/performance.md). The command line applies it on machines without CUDA, and ``DPOModule`` whenever it
-trains on the CPU.
+2-core CPU with SmolLM2-135M and 2 pairs of ~560 tokens, about 480k page faults and 3.5 s of system time in a
+13.6 s micro-batch. With large blocks taken from the heap and the heap kept, the pages are reused: about 135k
+faults, 1.5 s of system time, the micro-batch in 0.83x to 0.90x the time, for about 0.1 GB more peak RSS
+(``benchmarks/bench_host_memory.py``). Generation allocates the same way. The command line applies it on machines
+without CUDA, and ``DPOModule`` whenever it trains on the CPU.
 """
 
 from __future__ import annotations
