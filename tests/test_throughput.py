@@ -1,6 +1,8 @@
 """Throughput telemetry: the counts behind pairs/s, tokens/s and the padding share, checked by hand and against the
 shared layout; the model FLOPs; and the tags a real fit writes to TensorBoard, read back."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -43,6 +45,19 @@ def test_flops_per_token_counts_trained_and_frozen_weights():
     assert flops_per_token(module) == 6 * 23
     policy[0].requires_grad_(False)  # a frozen base: forward and the activations' gradients only
     assert flops_per_token(module) == 6 * 8 + 4 * 15
+
+
+def test_a_run_whose_end_is_slower_than_its_start_warns_with_the_hosts_figures():
+    telemetry = ThroughputTelemetry()
+    telemetry._host_start = (0, 1)
+    steps = [{"pairs": 4, "tokens": 400, "step_time": 4.0}] * 10 + [{"pairs": 4, "tokens": 400, "step_time": 6.0}] * 10
+    telemetry.history = steps[:10] + [{"pairs": 4, "tokens": 400, "step_time": 5.0}] * 5 + steps[10:]
+    with pytest.warns(UserWarning, match=r"the last 10 steps ran 1.5x slower than the first 10 .*load average"):
+        telemetry.on_train_end(None, None)
+    telemetry.history = steps[:10] * 2  # steady: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        telemetry.on_train_end(None, None)
 
 
 def test_settings_are_checked():

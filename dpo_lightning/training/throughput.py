@@ -130,7 +130,7 @@ class ThroughputTelemetry(Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
-        seconds, self._start = now - (self._start or now), now
+        seconds, self._start = max(now - (self._start or now), 1e-9), now
         counts = self._pending.to(trainer.strategy.root_device)
         pairs, tokens, filled, positions = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         self._pending = None
