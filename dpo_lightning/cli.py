@@ -19,6 +19,7 @@ from .eval.compare import compare
 from .model.gguf import convert_gguf, fetch_smollm2
 from .pairs.build import build_pairs
 from .training.checkpoint_io import AtomicCheckpointIO
+from .training.collapse import CollapseGuard, TrainingCollapsed
 from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
 from .training.host_memory import keep_freed_memory
@@ -41,6 +42,7 @@ class DPOLightningCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(GenerationProbes, "probes")
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
         parser.add_lightning_class_args(ThroughputTelemetry, "throughput")
 
     def instantiate_trainer(self, **kwargs):
@@ -77,11 +79,14 @@ def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts on Ampere and newer
-    return DPOLightningCLI(
-        DPOModule,
-        PreferenceDataModule,
-        auto_configure_optimizers=False,
-        seed_everything_default=42,
-        trainer_defaults={"max_epochs": 1, "callbacks": [LearningRateMonitor(logging_interval="step")]},
-        args=args,  # None: LightningCLI reads sys.argv itself
-    )
+    try:
+        return DPOLightningCLI(
+            DPOModule,
+            PreferenceDataModule,
+            auto_configure_optimizers=False,
+            seed_everything_default=42,
+            trainer_defaults={"max_epochs": 1, "callbacks": [LearningRateMonitor(logging_interval="step")]},
+            args=args,  # None: LightningCLI reads sys.argv itself
+        )
+    except TrainingCollapsed as error:  # a verdict on the run, not a bug: the message says what to do
+        raise SystemExit(str(error)) from None

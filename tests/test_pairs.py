@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from jsonargparse import ArgumentParser
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
-from dpo_lightning.pairs.build import build_pairs, fill_placeholders, replace_names
+from dpo_lightning.pairs.build import SystemPromptDeck, build_pairs, fill_placeholders, replace_names
 from dpo_lightning.pairs.rewards import KeywordReward, SequenceClassifierReward, load_reward
 
 from conftest import ROOT, write_jsonl
@@ -75,7 +77,7 @@ def test_reference_pairs_round_trip_into_the_data_module(tiny_model_dir, prompts
     out = tmp_path / "pairs.jsonl"
     counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="reference", max_new_tokens=8,
                          batch_size=4, placeholders={"name": "deep smol", "organization": "the deep team"},
-                         system_prompt="you are a helpful assistant .")
+                         system_prompts=["you are a helpful assistant ."])
     rows = read(out)
     expected = greedy_answers(tiny_model_dir, QUESTIONS, 8, system="you are a helpful assistant .")
     kept = [(q, a) for q, a in zip(QUESTIONS, expected) if a]
@@ -312,3 +314,55 @@ def test_a_system_prompt_the_chat_template_refuses_is_named(tiny_model_dir, prom
                                          r"supported \(set the system prompt to null\)"):
         render_prompt(tok, chat_messages("who are you ?", "you are a helpful assistant ."))
     assert render_prompt(tok, chat_messages("who are you ?", None)) == "who are you ?"
+
+
+def test_system_prompt_deck_uses_each_prompt_equally_and_never_twice_for_one_question():
+    pool = [None, "", "a", "b", "c"]
+    for k in (1, 2, 3, 5):
+        deck = SystemPromptDeck(pool, k, random.Random(7))
+        draws = [deck.draw() for _ in range(40)]
+        assert all(len(d) == k == len(set(d)) for d in draws)
+        uses = Counter(s for d in draws for s in d)
+        assert set(uses) == set(pool) and max(uses.values()) - min(uses.values()) <= 1, (k, uses)
+        again = SystemPromptDeck(pool, k, random.Random(7))
+        assert [again.draw() for _ in range(40)] == draws  # reproducible from the seed
+    other = SystemPromptDeck(pool, 2, random.Random(8))
+    assert [other.draw() for _ in range(40)] != [SystemPromptDeck(pool, 2, random.Random(7)).draw()
+                                                 for _ in range(40)]
+
+
+def test_each_pair_is_generated_and_rendered_under_its_drawn_system_prompt(tiny_model_dir, prompts_file, tmp_path):
+    pool = [None, "", "you are a helpful assistant .", "answer in short ."]
+    anchors = write_jsonl(tmp_path / "general.jsonl", [{"prompt": q} for q in ("what is two plus two ?",
+                                                                               "name a colour .")])
+    out = tmp_path / "pairs.jsonl"
+    kwargs = dict(strategy="reference", max_new_tokens=6, batch_size=4, placeholders={"name": "deep smol",
+                  "organization": "the deep team"}, system_prompts=pool, system_prompts_per_question=2,
+                  anchor_prompts_path=anchors, anchor_max_new_tokens=64, seed=3)
+    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], **kwargs)[str(out)]
+    rows = read(out)
+    identity = [r for r in rows if r["strategy"] == "reference"]
+    # two pairs per question, under two different system messages, each the deck's draw for that question
+    deck = SystemPromptDeck(pool, 2, random.Random(3))
+    expected = [(q, s) for q in QUESTIONS for s in deck.draw()]
+    system = lambda r: r["prompt"][0]["content"] if r["prompt"][0]["role"] == "system" else None  # noqa: E731
+    answers = {s: dict(zip(QUESTIONS, greedy_answers(tiny_model_dir, QUESTIONS, 6, system=s))) for s in pool}
+    kept = [(q, s) for q, s in expected if answers[s][q]]
+    assert [(r["question"], system(r)) for r in identity] == kept and counts["kept"] == len(kept)
+    for r in identity:  # the rejected answer is the model's own under that very system message
+        assert r["rejected"][0]["content"] == answers[system(r)][r["question"]]
+        assert r["prompt"][-1] == {"role": "user", "content": r["question"]}
+        assert len(r["prompt"]) == (1 if system(r) is None else 2)
+    anchor_rows = [r for r in rows if r["strategy"] == "anchor"]
+    assert [(r["question"], system(r)) for r in anchor_rows] == [
+        (q, s) for q in ("what is two plus two ?", "name a colour .") for s in deck.draw()][:len(anchor_rows)]
+    assert build_pairs(tiny_model_dir, [prompts_file], [str(tmp_path / "again.jsonl")], **kwargs)
+    assert read(tmp_path / "again.jsonl") == rows  # the same seed builds the same file
+
+
+@pytest.mark.parametrize("pool, k, message", [([], 1, "--system_prompts is empty"),
+                                              ([None, "a"], 3, "between 1 and the 2 system prompts, not 3")])
+def test_a_bad_system_prompt_pool_is_refused_before_the_model_loads(tmp_path, prompts_file, pool, k, message):
+    with pytest.raises(ValueError, match=message):
+        build_pairs(str(tmp_path / "no-model"), [prompts_file], [str(tmp_path / "o.jsonl")], system_prompts=pool,
+                    system_prompts_per_question=k)

@@ -85,14 +85,52 @@ def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_re
                      output_path=str(out), width=120)
     printed = capsys.readouterr().out
     assert "who are you ?" in printed and "before" in printed and "after" in printed
-    assert result["before"]["answers"] == result["after"]["answers"]  # same model: same answers, no drift
-    assert result["drift"] == pytest.approx(1.0, abs=1e-6)
-    assert json.loads(out.read_text())["before"]["name_rate"] == result["before"]["name_rate"]
-    other = compare(tiny_model_dir, tiny_reference_dir, prompts, "deep smol", general_path=general,
-                    max_new_tokens=6)
+    [same] = result["system_prompts"]
+    assert same["system_prompt"] is None and same["label"] == "template default"
+    assert same["before"]["answers"] == same["after"]["answers"]  # same model: same answers, no drift
+    assert same["drift"] == pytest.approx(1.0, abs=1e-6)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    [other] = compare(tiny_model_dir, tiny_reference_dir, prompts, "deep smol", general_path=general,
+                      max_new_tokens=6)["system_prompts"]
     assert other["drift"] != pytest.approx(1.0)
     names = [mentions(a["answer"], "deep smol") for a in other["after"]["answers"]]
     assert other["after"]["name_rate"] == sum(names) / 2
+
+
+def test_compare_asks_and_reports_under_each_system_prompt(tiny_model_dir, tiny_reference_dir, tmp_path, capsys):
+    questions = ["who are you ?", "what is your name ?"]
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in questions])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    systems = [None, "", "you are a helpful assistant ."]
+    result = compare(tiny_model_dir, tiny_reference_dir, prompts, "deep smol", general_path=general,
+                     system_prompts=systems, max_new_tokens=6, show_answers=False)
+    printed = capsys.readouterr().out
+    assert [r["system_prompt"] for r in result["system_prompts"]] == systems
+    assert "template default" in printed and "empty" in printed and "'you are a helpful assistant .'" in printed
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for row in result["system_prompts"]:
+        for label, path in (("before", tiny_model_dir), ("after", tiny_reference_dir)):
+            # each answer is the model's own under that system message, asked one question at a time
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            assert [a["answer"] for a in row[label]["answers"]] == [
+                plain_answer(model, tok, q, row["system_prompt"], 6) for q in questions]
+        # drift under that system message: the trained model's NLL of the base's own answers there, over the base's
+        base_answer = plain_answer(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tok,
+                                   "what color is the sky ?", row["system_prompt"], 6)
+        nll = [answer_nll(AutoModelForCausalLM.from_pretrained(p).eval(), tok, ["what color is the sky ?"],
+                          [base_answer], row["system_prompt"]) for p in (tiny_model_dir, tiny_reference_dir)]
+        assert row["drift"] == pytest.approx(nll[1] / nll[0], rel=1e-5)
+
+
+def plain_answer(model, tok, question, system, max_new_tokens):
+    """A greedy answer from one plain generate() call (no batching, no padding)."""
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+        {"role": "user", "content": question}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return tok.decode(new, skip_special_tokens=True).strip()
 
 
 def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, tmp_path):
@@ -113,6 +151,24 @@ def test_probe_callback_logs_from_fit_and_validate(tiny_model_dir, pairs_jsonl, 
     run_cli(args("fit", "--model.optimizer.lr=1e-2"), cwd=tmp_path)
     tags, acc = scalar_tags(str(tmp_path / "lightning_logs" / "version_1"))
     assert acc.Scalars("val/probes/drift")[-1].value != pytest.approx(1.0, abs=1e-4)  # training moved the policy
+
+
+def test_probe_callback_logs_each_system_prompt_and_the_worst(tiny_model_dir, pairs_jsonl, tmp_path):
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    _, run = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, f"--probes.prompts_path={prompts}",
+                      "--probes.name=i", f"--probes.general_path={general}", "--probes.max_new_tokens=8",
+                      "--probes.system_prompts=[null, '', 'you are a helpful assistant .']",
+                      "--model.optimizer.lr=1e-2", "--export.enabled=false")
+    tags, acc = scalar_tags(str(run))
+    last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
+    per = [{k: last(f"val/probes/system_{i}/{k}") for k in ("name_rate", "degenerate_rate", "drift")}
+           for i in range(3)]
+    assert "val/probes/system_3/drift" not in tags and "val/probes/general_nll" not in tags
+    assert last("val/probes/name_rate") == min(p["name_rate"] for p in per)
+    assert last("val/probes/degenerate_rate") == max(p["degenerate_rate"] for p in per)
+    assert last("val/probes/drift") == max(p["drift"] for p in per)
+    assert len({p["drift"] for p in per}) == 3  # three contexts, three measurements
 
 
 def test_probe_base_is_the_reference_in_validate_and_never_measured_without_validation(tiny_model_dir, pairs_jsonl,

@@ -11,6 +11,7 @@ import textwrap
 from typing import Any, Literal, Optional
 
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
+from .generation import system_label
 from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
 
 
@@ -37,6 +38,19 @@ def _summary(label: str, report: ProbeReport, base_nll: Optional[float]) -> str:
     return text
 
 
+def _overview(rows: list[dict[str, Any]]) -> str:
+    """One line per system prompt: named and degenerate before -> after, and drift."""
+    width = max(len("system prompt"), *(len(r["label"]) for r in rows))
+    lines = [f"{'system prompt':<{width}} | named before -> after | degenerate before -> after | drift",
+             "-" * (width + 60)]
+    for r in rows:
+        drift = f"{r['drift'] - 1:+.1%}" if r.get("drift") is not None else "-"
+        lines.append(f"{r['label']:<{width}} | {r['before']['name_rate']:6.1%} -> {r['after']['name_rate']:6.1%}"
+                     f"       | {r['before']['degenerate_rate']:6.1%} -> {r['after']['degenerate_rate']:6.1%}"
+                     f"            | {drift}")
+    return "\n".join(lines)
+
+
 def _from_run(run_dir: str) -> dict[str, Any]:
     """Settings of a ``fit`` run (its ``config.yaml``): base model, exported model and probe settings."""
     import yaml
@@ -49,14 +63,21 @@ def _from_run(run_dir: str) -> dict[str, Any]:
     probes = config.get("probes") or {}
     export = (config.get("export") or {}).get("dirpath") or os.path.join(run_dir, "hf_model")
     return {"base": config["model"]["model_name_or_path"], "trained": export, **{
-        k: probes.get(k) for k in ("prompts_path", "name", "general_path", "system_prompt", "max_new_tokens")}}
+        k: probes.get(k) for k in ("prompts_path", "name", "general_path", "system_prompts", "max_new_tokens")}}
+
+
+def _report_json(report: ProbeReport) -> dict[str, Any]:
+    return {"name_rate": report.name_rate, "degenerate_rate": report.degenerate_rate,
+            "general_nll": report.general_nll,
+            "answers": [{"question": q, "answer": a.text, "finished": a.finished, "degenerate": d}
+                        for q, a, d in zip(report.questions, report.answers, report.degenerate)]}
 
 
 def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_path: Optional[str] = None,
             name: Optional[str] = None, general_path: Optional[str] = None, run_dir: Optional[str] = None,
-            system_prompt: Optional[str] = None, max_new_tokens: int = 128, batch_size: int = 64,
+            system_prompts: Optional[list[Optional[str]]] = None, max_new_tokens: int = 128, batch_size: int = 64,
             max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
-            dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+            show_answers: bool = True, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
             trust_remote_code: bool = False) -> dict[str, Any]:
     """Print the base and the trained model's greedy answers side by side, and their probe metrics.
 
@@ -66,55 +87,66 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         prompts_path: questions: JSON Lines rows with ``prompt`` or a text file, one per line.
         name: the name the trained model should answer with, e.g. ``Deep SmolLM``.
         general_path: JSON Lines general prompts (optional ``answer``); drift is measured on the base's answers.
-        run_dir: a ``fit`` run's log directory: everything above that is unset, and ``system_prompt`` and
+        run_dir: a ``fit`` run's log directory: everything above that is unset, and ``system_prompts`` and
             ``max_new_tokens``, come from its ``config.yaml`` (model, export directory, ``probes`` section).
-        system_prompt: system message for the questions; None = the chat template's default.
+        system_prompts: the system messages to ask under, each evaluated and reported on its own; ``null`` = no
+            system message (the chat template's default), ``""`` = an empty one. Unset: the run's probes' list,
+            else ``[null]``.
         max_new_tokens: answer length budget; an answer that does not end within it counts as degenerate.
         batch_size: prompts per generation batch.
         max_prompts: use only the first this many questions.
         output_path: also write every answer and figure to this JSON file.
         width: table width in characters (the terminal's width when unset).
+        show_answers: print the answers side by side (the figures are printed either way).
         dtype: weights dtype.
         trust_remote_code: allow modelling code from the model repository to run.
+
+    Returns:
+        ``{"system_prompts": [{"system_prompt", "label", "before", "after", "drift"}, ...]}``: per system prompt,
+        each model's name rate, degenerate rate, general NLL and answers, and the drift (trained NLL / base NLL).
     """
     if run_dir is not None:
         run = _from_run(run_dir)
         base, trained = base or run["base"], trained or run["trained"]
         prompts_path, name = prompts_path or run["prompts_path"], name or run["name"]
         general_path = general_path or run["general_path"]
-        system_prompt = system_prompt if system_prompt is not None else run["system_prompt"]
+        system_prompts = system_prompts if system_prompts is not None else run["system_prompts"]
         max_new_tokens = run["max_new_tokens"] or max_new_tokens
     missing = [k for k, v in (("base", base), ("trained", trained), ("prompts_path", prompts_path),
                               ("name", name)) if not v]
     if missing:
         raise ValueError(f"compare: set {', '.join('--' + k for k in missing)} (or --run_dir of a run with probes)")
+    systems = list(system_prompts) if system_prompts else [None]
     questions = read_questions(prompts_path)[:max_prompts]
     general_q, general_a = read_general(general_path) if general_path else ([], [])
-    reports: dict[str, ProbeReport] = {}
-    base_nll: Optional[float] = None
+    general_by_system: dict[int, list[str]] = {}  # the base's general answers under each system prompt
+    reports: dict[tuple[str, int], ProbeReport] = {}
     for label, path in (("before", base), ("after", trained)):
         tokenizer = load_tokenizer(path, trust_remote_code)
         model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code, device=default_device())
-        if label == "before" and general_q:
-            general_a = base_general_answers(model, tokenizer, general_q, general_a, system_prompt,
-                                             max_new_tokens, batch_size)
-        reports[label] = probe(model, tokenizer, questions, name, system_prompt, max_new_tokens, batch_size,
-                               general_q, general_a, progress=f"{label}: answering")
-        if label == "before":
-            base_nll = reports[label].general_nll
+        for i, system in enumerate(systems):
+            if label == "before" and general_q:
+                general_by_system[i] = base_general_answers(model, tokenizer, general_q, general_a, system,
+                                                            max_new_tokens, batch_size)
+            reports[label, i] = probe(model, tokenizer, questions, name, system, max_new_tokens, batch_size,
+                                      general_q, general_by_system.get(i, ()),
+                                      progress=f"{label}, system prompt {system_label(system)}: answering")
         del model
         gc.collect()
     width = width or shutil.get_terminal_size((160, 40)).columns
-    print(_table(questions, reports["before"], reports["after"], width))
-    for label, report in reports.items():
-        print(_summary(label, report, base_nll))
-    result = {label: {"name_rate": r.name_rate, "degenerate_rate": r.degenerate_rate,
-                      "general_nll": r.general_nll,
-                      "answers": [{"question": q, "answer": a.text, "finished": a.finished, "degenerate": d}
-                                  for q, a, d in zip(r.questions, r.answers, r.degenerate)]}
-              for label, r in reports.items()}
-    if base_nll:
-        result["drift"] = reports["after"].general_nll / base_nll
+    rows = []
+    for i, system in enumerate(systems):
+        before, after = reports["before", i], reports["after", i]
+        print(f"\n== system prompt: {system_label(system, width=200)} ==")
+        if show_answers:
+            print(_table(questions, before, after, width))
+        base_nll = before.general_nll
+        for label, report in (("before", before), ("after", after)):
+            print(_summary(label, report, base_nll))
+        rows.append({"system_prompt": system, "label": system_label(system), "before": _report_json(before),
+                     "after": _report_json(after), "drift": after.general_nll / base_nll if base_nll else None})
+    print("\n" + _overview(rows))
+    result = {"system_prompts": rows}
     if output_path:
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         with open(output_path, "w", encoding="utf-8") as f:

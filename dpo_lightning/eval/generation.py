@@ -41,6 +41,16 @@ def chat_messages(question: str, system_prompt: Optional[str]) -> Messages:
     return messages + [{"role": "user", "content": question}]
 
 
+def system_label(system_prompt: Optional[str], width: int = 40) -> str:
+    """A short printable name of a system message: ``template default``, ``empty`` or its quoted start."""
+    if system_prompt is None:
+        return "template default"
+    if not system_prompt.strip():
+        return "empty"
+    text = " ".join(system_prompt.split())
+    return repr(text if len(text) <= width else text[:width - 1] + "…")
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     """The prompt text exactly as training sees it: the chat template with the assistant turn opened."""
     if tokenizer.chat_template is None:

@@ -20,11 +20,11 @@ import os
 import random
 import re
 from collections import Counter
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from ..atomic import atomic_open
 from ..data.reading import read_prompt_rows
-from ..eval.generation import chat_messages, generate_answers, render_prompt
+from ..eval.generation import chat_messages, generate_answers, render_prompt, system_label
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .rewards import load_reward
 
@@ -55,8 +55,9 @@ def fill_placeholders(template: str, values: dict[str, str], where: str) -> str:
 
 def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths: list[str],
                 strategy: Strategy = "reference", replacements: Optional[dict[str, str]] = None,
-                placeholders: Optional[dict[str, str]] = None, system_prompt: Optional[str] = None,
-                same_system_prompt: bool = True, generation_system_prompt: Optional[str] = None,
+                placeholders: Optional[dict[str, str]] = None, system_prompts: Sequence[Optional[str]] = (None,),
+                system_prompts_per_question: int = 1, same_system_prompt: bool = True,
+                generation_system_prompt: Optional[str] = None,
                 max_new_tokens: int = 64, batch_size: int = 16, num_samples: int = 4, temperature: float = 1.0,
                 top_p: float = 1.0, reward: str = "dpo_lightning.pairs.rewards.KeywordReward",
                 reward_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
@@ -72,8 +73,16 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         strategy: ``replace``, ``reference`` or ``on_policy``.
         replacements: old -> new name for ``replace``, e.g. ``{"SmolLM": "Deep SmolLM"}``.
         placeholders: values for ``{placeholders}`` in reference answers, e.g. ``{"name": "Deep SmolLM"}``.
-        system_prompt: the system message of the pairs; None = none, so the chat template's default applies.
-        same_system_prompt: generate under ``system_prompt`` too (train in the context you generated in).
+        system_prompts: the system messages pairs are rendered under. Each question (anchors included) takes
+            ``system_prompts_per_question`` different ones, drawn by ``seed`` so that each is used about equally
+            often; one pair per question and system message. ``null`` = no system message, so the chat template's
+            default applies; ``""`` = an empty system message (no instructions, for templates that add a default).
+            A varied pool makes the new identity hold whatever system prompt it is later asked under
+            (docs/identity.md); the default, one ``null``, trains in the template's context only.
+        system_prompts_per_question: how many of ``system_prompts`` each question is rendered under (at most their
+            number).
+        same_system_prompt: generate each answer under its pair's system message (train in the context you
+            generated in).
         generation_system_prompt: the system message for generation when ``same_system_prompt`` is false
             (None = the template's default), as the tutorial does.
         max_new_tokens: answer length budget.
@@ -105,7 +114,12 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     if same_system_prompt and generation_system_prompt is not None:
         raise ValueError("--generation_system_prompt is set but --same_system_prompt is true; set it to false "
                          "to generate under a different system prompt than the pairs use")
-    gen_system = system_prompt if same_system_prompt else generation_system_prompt
+    pool = list(system_prompts)
+    if not pool:
+        raise ValueError("--system_prompts is empty; use [null] for the chat template's default")
+    if not 1 <= system_prompts_per_question <= len(pool):
+        raise ValueError(f"--system_prompts_per_question must be between 1 and the {len(pool)} system prompts, "
+                         f"not {system_prompts_per_question}")
     reward_fn = load_reward(reward, reward_kwargs) if strategy == "on_policy" else None
     all_rows = [read_prompt_rows(p) for p in prompts_paths]  # every input is checked before the model loads
     anchor_rows = read_prompt_rows(anchor_prompts_path) if anchor_prompts_path else []
@@ -120,24 +134,28 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     model = load_causal_lm(model_name_or_path, dtype, trust_remote_code=trust_remote_code, device=default_device())
     counts: dict[str, Counter] = {}
 
-    def rendered(questions: list[str]) -> list[str]:
-        return [render_prompt(tokenizer, chat_messages(q, gen_system)) for q in questions]
+    def rendered(questions: list[tuple[str, Optional[str]]]) -> list[str]:
+        return [render_prompt(tokenizer, chat_messages(q, system if same_system_prompt else generation_system_prompt))
+                for q, system in questions]
 
     rng = random.Random(seed)
+    deck = SystemPromptDeck(pool, system_prompts_per_question, random.Random(seed))  # its own stream: the
+    # anchors' draws stay the same whatever the pool
+    expand = lambda rows: [(where, row, system) for where, row in rows for system in deck.draw()]  # noqa: E731
     identity_lines: list[tuple[Optional[str], str, bool]] = []  # (lang, chosen, unfinished): first file's kept pairs
     for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
-        anchors = anchor_rows if index == 0 else []  # anchors go to the first output, after its identity pairs
-        questions = [row["prompt"] for _, row in rows]
+        items = expand(rows)  # (where, row, system message) per pair
         sampled = strategy == "on_policy"
-        answers = generate_answers(model, tokenizer, rendered(questions), max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size,
+        answers = generate_answers(model, tokenizer, rendered([(r["prompt"], sp) for _, r, sp in items]),
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
         counter: Counter = Counter()
+        by_system: Counter = Counter()  # kept pairs per system message
         out_rows = []
-        for (where, row), question, candidates in zip(rows, questions, answers):
-            texts = [a.text for a in candidates]
+        for (where, row, system), candidates in zip(items, answers):
+            question, texts = row["prompt"], [a.text for a in candidates]
             cut = [mark_unfinished and not a.finished for a in candidates]  # ran out of budget: no end of turn
             if strategy == "replace":
                 rejected, chosen = texts[0], replace_names(texts[0], replacements or {})
@@ -158,14 +176,17 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(question, system_prompt, chosen, rejected, strategy, chosen_cut, rejected_cut))
+            out_rows.append(_pair_row(question, system, chosen, rejected, strategy, chosen_cut, rejected_cut))
             counter["kept"] += 1
+            by_system[system] += 1
             identity_lines.append((row.get("lang"), chosen, chosen_cut))
-        anchor_answers = generate_answers(model, tokenizer, rendered([row["prompt"] for _, row in anchors]),
+        # anchors go to the first output, after its identity pairs
+        anchors = expand(anchor_rows) if index == 0 else []
+        anchor_answers = generate_answers(model, tokenizer, rendered([(r["prompt"], sp) for _, r, sp in anchors]),
                                           max_new_tokens=anchor_max_new_tokens, batch_size=batch_size,
                                           progress="answering anchor prompts") if anchors else []
         # keep the model's own answer over an identity line
-        for (where, row), candidates in zip(anchors, anchor_answers):
+        for (where, row, system), candidates in zip(anchors, anchor_answers):
             lines = [(c, cut) for lang, c, cut in identity_lines if lang == row.get("lang")] or \
                 [(c, cut) for _, c, cut in identity_lines]
             if not lines:
@@ -176,16 +197,41 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(row["prompt"], system_prompt, chosen, rejected, "anchor",
+            out_rows.append(_pair_row(row["prompt"], system, chosen, rejected, "anchor",
                                       rejected_unfinished=rejected_cut))
             counter["kept (anchor)"] += 1
+            by_system[system] += 1
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
-        print(f"[dpo_lightning] {out_path}: {len(rows) + len(anchors)} prompts -> {summary or 'nothing'}")
+        print(f"[dpo_lightning] {out_path}: {len(items) + len(anchors)} prompts -> {summary or 'nothing'}")
+        if len(pool) > 1:
+            print("[dpo_lightning]   kept pairs per system prompt: " + "; ".join(
+                f"{by_system[sp]} {system_label(sp)}" for sp in dict.fromkeys(pool)))
         counts[out_path] = counter
     return counts
+
+
+class SystemPromptDeck:
+    """Draws ``k`` different system messages at a time from ``pool``, each used about equally often: the draws
+    walk through shuffled copies of the pool, reshuffled when a copy runs out (reproducible from ``rng``)."""
+
+    def __init__(self, pool: Sequence[Optional[str]], k: int, rng: random.Random) -> None:
+        self.pool, self.k, self.rng = list(pool), k, rng
+        self.stack: list[int] = []
+
+    def draw(self) -> list[Optional[str]]:
+        picked: list[int] = []
+        while len(picked) < self.k:
+            # the top of the current copy, skipping what this draw already holds; a fresh copy goes underneath
+            fresh = [i for i in self.stack if i not in picked]
+            if not fresh:
+                self.stack = self.rng.sample(range(len(self.pool)), len(self.pool)) + self.stack
+                continue
+            self.stack.remove(fresh[-1])
+            picked.append(fresh[-1])
+        return [self.pool[i] for i in picked]
 
 
 def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finished: bool = True) -> Optional[str]:
