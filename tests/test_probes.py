@@ -198,3 +198,28 @@ def test_probe_base_is_the_reference_in_validate_and_never_measured_without_vali
     assert measured == [1, 1]
     drift = scalar_tags(str(tmp_path / "validate" / "lightning_logs" / "version_0"))[1].Scalars("val/probes/drift")
     assert drift[-1].value == pytest.approx(fit_drift, rel=1e-5)
+
+
+def test_compare_reuses_the_base_answers_of_an_earlier_output(tiny_model_dir, tiny_reference_dir, tmp_path,
+                                                             monkeypatch):
+    from dpo_lightning.eval import compare as compare_module
+
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "what is your name ?"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    settings = dict(prompts_path=prompts, name="deep smol", general_path=general, max_new_tokens=6,
+                    system_prompts=[None, "you are a helpful assistant ."], show_answers=False)
+    compare(tiny_model_dir, tiny_model_dir, output_path=str(tmp_path / "first.json"), **settings)
+    full = compare(tiny_model_dir, tiny_reference_dir, **settings)
+    loaded = []  # the models loaded: the base must not be
+    real = compare_module.load_causal_lm
+    monkeypatch.setattr(compare_module, "load_causal_lm",
+                        lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    reused = compare(tiny_model_dir, tiny_reference_dir, base_answers_path=str(tmp_path / "first.json"), **settings)
+    assert loaded == [tiny_reference_dir]
+    assert json.loads(json.dumps(reused)) == json.loads(json.dumps(full))  # same figures and answers, drift included
+    with pytest.raises(ValueError, match=r"first\.json: its max_new_tokens differ"):
+        compare(tiny_model_dir, tiny_reference_dir, base_answers_path=str(tmp_path / "first.json"),
+                **{**settings, "max_new_tokens": 7})
+    with pytest.raises(ValueError, match=r"no answers under system prompt empty"):
+        compare(tiny_model_dir, tiny_reference_dir, base_answers_path=str(tmp_path / "first.json"),
+                **{**settings, "system_prompts": [None, ""]})

@@ -11,7 +11,7 @@ import textwrap
 from typing import Any, Literal, Optional
 
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .generation import system_label
+from .generation import Answer, system_label
 from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
 
 
@@ -69,15 +69,39 @@ def _from_run(run_dir: str) -> dict[str, Any]:
 def _report_json(report: ProbeReport) -> dict[str, Any]:
     return {"name_rate": report.name_rate, "degenerate_rate": report.degenerate_rate,
             "general_nll": report.general_nll,
-            "answers": [{"question": q, "answer": a.text, "finished": a.finished, "degenerate": d}
-                        for q, a, d in zip(report.questions, report.answers, report.degenerate)]}
+            "answers": [{"question": q, "answer": a.text, "finished": a.finished, "num_tokens": a.num_tokens,
+                         "degenerate": d} for q, a, d in zip(report.questions, report.answers, report.degenerate)]}
+
+
+def _earlier_base(path: str, base: str, questions: list[str], general_q: list[str], systems: list[Optional[str]],
+                  max_new_tokens: int, name: str) -> tuple[dict[int, ProbeReport], dict[int, list[str]]]:
+    """The base's reports and general answers per system prompt from an earlier ``compare`` output, checked to be
+    of the same base, questions, general prompts and answer budget."""
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    settings = {"base": base, "questions": questions, "general_questions": general_q, "max_new_tokens": max_new_tokens}
+    differ = [k for k, v in settings.items() if earlier.get(k) != v]
+    if differ:
+        raise ValueError(f"{path}: its {', '.join(differ)} differ from this comparison's; run the base again "
+                         "(drop --base_answers_path)")
+    rows = {json.dumps(r["system_prompt"]): r for r in earlier["system_prompts"]}
+    reports, general = {}, {}
+    for i, system in enumerate(systems):
+        row = rows.get(json.dumps(system))
+        if row is None:
+            raise ValueError(f"{path}: no answers under system prompt {system_label(system)}")
+        answers = [Answer(a["answer"], a["finished"], a["num_tokens"]) for a in row["before"]["answers"]]
+        reports[i] = ProbeReport(list(questions), answers, name, general_nll=row["before"]["general_nll"])
+        general[i] = row["before_general_answers"]
+    return reports, general
 
 
 def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_path: Optional[str] = None,
             name: Optional[str] = None, general_path: Optional[str] = None, run_dir: Optional[str] = None,
             system_prompts: Optional[list[Optional[str]]] = None, max_new_tokens: int = 128, batch_size: int = 64,
             max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
-            show_answers: bool = True, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+            show_answers: bool = True, base_answers_path: Optional[str] = None,
+            dtype: Literal["float32", "bfloat16", "float16"] = "float32",
             trust_remote_code: bool = False) -> dict[str, Any]:
     """Print the base and the trained model's greedy answers side by side, and their probe metrics.
 
@@ -98,12 +122,17 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         output_path: also write every answer and figure to this JSON file.
         width: table width in characters (the terminal's width when unset).
         show_answers: print the answers side by side (the figures are printed either way).
+        base_answers_path: an earlier ``compare`` output of the same base, questions, general prompts and budget:
+            its base answers and figures are reused instead of running the base again (several trained models
+            against one base).
         dtype: weights dtype.
         trust_remote_code: allow modelling code from the model repository to run.
 
     Returns:
-        ``{"system_prompts": [{"system_prompt", "label", "before", "after", "drift"}, ...]}``: per system prompt,
-        each model's name rate, degenerate rate, general NLL and answers, and the drift (trained NLL / base NLL).
+        The settings (``base``, ``trained``, ``questions``, ``general_questions``, ``max_new_tokens``) and
+        ``system_prompts``: ``[{"system_prompt", "label", "before", "after", "drift", "before_general_answers"}]``,
+        per system prompt each model's name rate, degenerate rate, general NLL and answers, the drift (trained NLL
+        / base NLL) and the base's general answers it is measured on.
     """
     if run_dir is not None:
         run = _from_run(run_dir)
@@ -121,7 +150,13 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
     general_q, general_a = read_general(general_path) if general_path else ([], [])
     general_by_system: dict[int, list[str]] = {}  # the base's general answers under each system prompt
     reports: dict[tuple[str, int], ProbeReport] = {}
-    for label, path in (("before", base), ("after", trained)):
+    models = [("before", base), ("after", trained)]
+    if base_answers_path:
+        earlier, general_by_system = _earlier_base(base_answers_path, base, questions, general_q, systems,
+                                                   max_new_tokens, name)
+        reports.update({("before", i): report for i, report in earlier.items()})
+        models = models[1:]
+    for label, path in models:
         tokenizer = load_tokenizer(path, trust_remote_code)
         model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code, device=default_device())
         for i, system in enumerate(systems):
@@ -144,9 +179,11 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         for label, report in (("before", before), ("after", after)):
             print(_summary(label, report, base_nll))
         rows.append({"system_prompt": system, "label": system_label(system), "before": _report_json(before),
-                     "after": _report_json(after), "drift": after.general_nll / base_nll if base_nll else None})
+                     "after": _report_json(after), "drift": after.general_nll / base_nll if base_nll else None,
+                     "before_general_answers": general_by_system.get(i, [])})
     print("\n" + _overview(rows))
-    result = {"system_prompts": rows}
+    result = {"base": base, "trained": trained, "questions": questions, "general_questions": general_q,
+              "max_new_tokens": max_new_tokens, "system_prompts": rows}
     if output_path:
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         with open(output_path, "w", encoding="utf-8") as f:
