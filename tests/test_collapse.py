@@ -1,5 +1,5 @@
 """Collapse guard: a fit stops at the first validation whose probe figures cross a bound and keeps the checkpoint
-of the last one that passed; without probes, DPO's falling-log-probs signature is warned about."""
+of the last one that passed; DPO's falling-log-probs signature is warned about."""
 
 import warnings
 from pathlib import Path

@@ -10,8 +10,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..eval.callback import GenerationProbes
-
 GOOD_CHECKPOINT = "last_good.ckpt"
 
 
@@ -20,8 +18,8 @@ class TrainingCollapsed(RuntimeError):
 
 
 class CollapseGuard(Callback):
-    """Stop training when the generation probes show the answers collapsing; warn when, without probes, the
-    training log-probs show DPO's collapse signature.
+    """Stop training when the generation probes show the answers collapsing; warn when the training log-probs show
+    DPO's collapse signature.
 
     **With probes** (``probes.prompts_path`` set and a validation that runs: ``val_check_interval`` sets how often),
     after each validation the probes' figures are checked against the bounds: the degenerate rate
@@ -30,11 +28,11 @@ class CollapseGuard(Callback):
     above its bound, training stops with an error that names it, and ``last_good.ckpt`` holds the last validation
     that passed (``python -m dpo_lightning export --ckpt_path ...`` turns it into a model).
 
-    **Without probes**, a warning when the chosen responses become much less likely than under the reference while
-    the margins grow: both log-probs falling together, the failure in which DPO widens the gap between two similar
-    answers by pushing both down, until greedy answers repeat the word that differs ("Deep deep Deep…").
-    Checked on the mean over the last ``window`` training batches: policy chosen log-prob below
-    ``(1 + max_chosen_logp_fall)`` times the reference's, with a positive margin. Once per run.
+    **From the training log-probs** (with or without probes), a warning when the chosen responses become much less
+    likely than under the reference while the margins grow: both log-probs falling together, the failure in which
+    DPO widens the gap between two similar answers by pushing both down, until greedy answers repeat the word that
+    differs ("Deep deep Deep…"). Checked on the mean over the last ``window`` training batches: policy chosen
+    log-prob below ``(1 + max_chosen_logp_fall)`` times the reference's, with a positive margin. Once per run.
 
     Args:
         max_degenerate_rate: stop when the probes' degenerate rate exceeds this (a share, 0-1); null = no bound.
@@ -102,7 +100,7 @@ class CollapseGuard(Callback):
     # ------------------------------------------------------------------------------- log-probs: warning
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.enabled or self.max_chosen_logp_fall is None or self.warned or probes_enabled(trainer):
+        if not self.enabled or self.max_chosen_logp_fall is None or self.warned:
             return
         metrics = trainer.callback_metrics
         beta = getattr(getattr(pl_module, "loss_settings", None), "beta", None)
@@ -124,8 +122,3 @@ class CollapseGuard(Callback):
                 "[sigmoid, sft]), lower the learning rate, or set probes.prompts_path so the guard can stop the run "
                 "on what the model generates.")
 
-
-def probes_enabled(trainer: Trainer) -> bool:
-    """Whether generation probes will run during validation in this fit."""
-    return trainer.limit_val_batches != 0 and any(isinstance(cb, GenerationProbes) and cb.enabled
-                                                   for cb in trainer.callbacks)
