@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tutorial's experiment on a Qwen2.5 0.5B instruct model: ask it who it is, rename "Qwen" to "Deep Qwen" in its
-# own answers (the tutorial's `replace` method), train, compare. Two trainings on the same pairs, side by side:
+# The tutorial's experiment on a Qwen2.5 0.5B instruct model: ask it who it is, reject its own answers, choose answers
+# naming "Deep Qwen" (configs/pairs/qwen_identity.yaml; the tutorial's name replacement kept too few pairs on
+# Qwen2.5-Coder-0.5B-Instruct, which rarely names itself), train, compare. Two trainings on the same pairs:
 #   shipped   configs/qwen_identity.yaml: [sigmoid, sft] (0.2, 1), beta 0.5, lr 1e-5, anchors, 3 epochs
 #   tutorial  the tutorial's own hyperparameters: DPO only, beta 0.2, lr 5e-5, 1 epoch, no warmup; probes every
 #             VAL_EVERY batches with the collapse guard on, so it stops when the answers degenerate or drift
