@@ -95,10 +95,12 @@ def test_qwen_identity_config_fits_and_validates_on_a_tiny_qwen2(tiny_qwen_dir, 
 
 
 def test_qwen_pairs_config_runs_on_a_tiny_qwen2(tiny_qwen_dir, tmp_path, capsys):
-    # the random model never names itself (its short answers decode to nothing): every identity prompt is dropped
-    # and counted, and so is the anchor (no kept pair to take its rejected answer from); the config's own settings
-    # (bf16 generation, the Chinese name in the mapping, the template's system message) run as shipped
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "who are you ?"}, {"prompt": "你是谁？"}])
+    # the random model's short answers decode to nothing: every identity prompt is dropped and counted, and so is
+    # the anchor (no kept pair to take its rejected answer from); the config's own settings (reference answers with
+    # its placeholders, bf16 generation, the pool of system prompts) run as shipped
+    reference = "i am {name} , made by {organization} ."
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "who are you ?", "reference": reference},
+                                                 {"prompt": "你是谁？", "reference": reference}])
     anchors = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "what color is the sky ?"}])
     outs = [str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")]
     assert cli_main(["build-pairs", "--config", os.path.join(ROOT, "configs", "pairs", "qwen_identity.yaml"),
