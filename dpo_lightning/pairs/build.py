@@ -134,19 +134,24 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     model = load_causal_lm(model_name_or_path, dtype, trust_remote_code=trust_remote_code, device=default_device())
     counts: dict[str, Counter] = {}
 
-    def rendered(questions: list[tuple[str, Optional[str]]]) -> list[str]:
-        return [render_prompt(tokenizer, chat_messages(q, system if same_system_prompt else generation_system_prompt))
-                for q, system in questions]
+    def rendered(items: list[tuple[str, dict, Optional[str]]]) -> list[str]:
+        """The prompt each (where, row, system message) item is answered under."""
+        return [render_prompt(tokenizer, chat_messages(row["prompt"], system if same_system_prompt
+                                                       else generation_system_prompt)) for _, row, system in items]
 
     rng = random.Random(seed)
     deck = SystemPromptDeck(pool, system_prompts_per_question, random.Random(seed))  # its own stream: the
     # anchors' draws stay the same whatever the pool
-    expand = lambda rows: [(where, row, system) for where, row in rows for system in deck.draw()]  # noqa: E731
+
+    def expand(rows: list[tuple[str, dict]]) -> list[tuple[str, dict, Optional[str]]]:
+        """One (where, row, system message) item per pair: each row under its drawn system messages."""
+        return [(where, row, system) for where, row in rows for system in deck.draw()]
+
     identity_lines: list[tuple[Optional[str], str, bool]] = []  # (lang, chosen, unfinished): first file's kept pairs
     for index, (path, rows, out_path) in enumerate(zip(prompts_paths, all_rows, output_paths)):
         items = expand(rows)  # (where, row, system message) per pair
         sampled = strategy == "on_policy"
-        answers = generate_answers(model, tokenizer, rendered([(r["prompt"], sp) for _, r, sp in items]),
+        answers = generate_answers(model, tokenizer, rendered(items),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
                                    temperature=temperature, top_p=top_p, seed=seed,
@@ -182,7 +187,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             identity_lines.append((row.get("lang"), chosen, chosen_cut))
         # anchors go to the first output, after its identity pairs
         anchors = expand(anchor_rows) if index == 0 else []
-        anchor_answers = generate_answers(model, tokenizer, rendered([(r["prompt"], sp) for _, r, sp in anchors]),
+        anchor_answers = generate_answers(model, tokenizer, rendered(anchors),
                                           max_new_tokens=anchor_max_new_tokens, batch_size=batch_size,
                                           progress="answering anchor prompts") if anchors else []
         # keep the model's own answer over an identity line
