@@ -1,5 +1,5 @@
 """Command line: ``python -m dpo_lightning COMMAND``: Lightning's ``fit``, ``validate`` and ``test``, and the tools
-around them (pair building, comparison, export, model conversion). ``--help`` lists them all."""
+around them (pair building, on-policy rounds, comparison, export, model conversion). ``--help`` lists them all."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .eval.callback import GenerationProbes
 from .eval.compare import compare
 from .model.gguf import convert_gguf, fetch_smollm2
 from .pairs.build import build_pairs
+from .pairs.iterate import iterate
 from .training.checkpoint_io import AtomicCheckpointIO
 from .training.collapse import CollapseGuard, TrainingCollapsed
 from .training.export import HFExport, export_checkpoint
@@ -27,8 +28,8 @@ from .training.module import DPOModule
 from .training.throughput import ThroughputTelemetry
 
 EXTRA_COMMANDS: dict[str, Callable] = {
-    "build-pairs": build_pairs, "compare": compare, "export": export_checkpoint, "convert-gguf": convert_gguf,
-    "fetch-smollm2": fetch_smollm2}
+    "build-pairs": build_pairs, "iterate": iterate, "compare": compare, "export": export_checkpoint,
+    "convert-gguf": convert_gguf, "fetch-smollm2": fetch_smollm2}
 
 
 class DPOLightningCLI(LightningCLI):

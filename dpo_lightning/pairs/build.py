@@ -26,7 +26,7 @@ from ..atomic import atomic_open
 from ..data.reading import read_prompt_rows
 from ..eval.generation import chat_messages, generate_answers, render_prompt, system_label
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .rewards import load_reward
+from .scoring import RewardTerm, WeightedReward, pick_pair
 
 Strategy = Literal["replace", "reference", "on_policy"]
 
@@ -90,8 +90,9 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
         num_samples: answers sampled per prompt for ``on_policy``.
         temperature: sampling temperature for ``on_policy``.
         top_p: nucleus sampling threshold for ``on_policy``.
-        reward: import path of the reward for ``on_policy`` (a class, built with ``reward_kwargs``, or a function
-            ``f(questions, answers) -> list[float]``).
+        reward: import path of the reward for ``on_policy``: a class, built with ``reward_kwargs``, a function
+            ``f(questions, answers) -> list[float]``, or a verifiable reward checking each answer against its prompt
+            row (``pairs/verifiable.py``). Several weighted rewards and rounds: ``iterate``.
         reward_kwargs: constructor arguments of the reward class.
         seed: sampling seed.
         dtype: weights dtype for generation.
@@ -120,8 +121,10 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     if not 1 <= system_prompts_per_question <= len(pool):
         raise ValueError(f"--system_prompts_per_question must be between 1 and the {len(pool)} system prompts, "
                          f"not {system_prompts_per_question}")
-    reward_fn = load_reward(reward, reward_kwargs) if strategy == "on_policy" else None
+    scorer = WeightedReward([RewardTerm(reward, reward_kwargs)]) if strategy == "on_policy" else None
     all_rows = [read_prompt_rows(p) for p in prompts_paths]  # every input is checked before the model loads
+    if scorer is not None:
+        scorer.validate([row for rows in all_rows for row in rows])
     anchor_rows = read_prompt_rows(anchor_prompts_path) if anchor_prompts_path else []
     references: dict[str, str] = {}  # filled reference answer by row location
     if strategy == "reference":
@@ -156,10 +159,11 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                                    num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
+        scored = scorer.score([(where, row) for where, row, _ in items], answers) if sampled else answers
         counter: Counter = Counter()
         by_system: Counter = Counter()  # kept pairs per system message
         out_rows = []
-        for (where, row, system), candidates in zip(items, answers):
+        for (where, row, system), candidates, samples in zip(items, answers, scored):
             question, texts = row["prompt"], [a.text for a in candidates]
             cut = [mark_unfinished and not a.finished for a in candidates]  # ran out of budget: no end of turn
             if strategy == "replace":
@@ -169,14 +173,12 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 rejected, chosen = texts[0], references[where]
                 rejected_cut, chosen_cut = cut[0], False
             else:
-                scores = reward_fn([question] * len(texts), texts)
-                best = max(range(len(texts)), key=scores.__getitem__)
-                worst = min(range(len(texts)), key=scores.__getitem__)
-                if scores[best] == scores[worst]:
-                    counter["dropped: all samples scored the same"] += 1
+                pair, why = pick_pair(samples)
+                if pair is None:
+                    counter[why] += 1
                     continue
-                chosen, rejected = texts[best], texts[worst]
-                chosen_cut, rejected_cut = cut[best], cut[worst]
+                chosen, rejected = pair[0].answer.text, pair[1].answer.text
+                chosen_cut, rejected_cut = [mark_unfinished and not s.answer.finished for s in pair]
             drop = _drop_reason(chosen, rejected, answer=rejected, strategy=strategy)
             if drop:
                 counter[drop] += 1

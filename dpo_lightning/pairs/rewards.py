@@ -1,7 +1,8 @@
 """Reward functions for on-policy pair building: ``reward(questions, answers) -> scores``, one float per answer.
 
-Any callable with that signature can be named by import path in ``build-pairs --reward``; a class is built with
-``--reward_kwargs``. Two ship here: a keyword/regex reward and a ``transformers`` sequence-classification model.
+Any callable with that signature can be named by import path in ``build-pairs --reward`` or an ``iterate`` reward
+term; a class is built with its arguments. Two ship here: a keyword/regex reward and a ``transformers``
+sequence-classification model; ``verifiable.py`` holds the rewards that check an answer against its prompt row.
 """
 
 from __future__ import annotations
@@ -84,15 +85,20 @@ class SequenceClassifierReward:
         return scores
 
 
-def load_reward(import_path: str, kwargs: Optional[dict[str, Any]] = None) -> RewardFn:
-    """The reward named ``module.attribute``: a class is built with ``kwargs``, a function is used as is."""
+def import_attribute(import_path: str, what: str) -> Any:
+    """The object at ``package.module.attribute``; a clear error when it cannot be imported."""
     module_name, _, attribute = import_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"reward {import_path!r}: expected an import path like 'package.module.name'")
+        raise ValueError(f"{what} {import_path!r}: expected an import path like 'package.module.name'")
     try:
-        target = getattr(importlib.import_module(module_name), attribute)
+        return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {import_path!r} cannot be imported: {e}") from None
+        raise ValueError(f"{what} {import_path!r} cannot be imported: {e}") from None
+
+
+def load_reward(import_path: str, kwargs: Optional[dict[str, Any]] = None) -> RewardFn:
+    """The reward named ``module.attribute``: a class is built with ``kwargs``, a function is used as is."""
+    target = import_attribute(import_path, "reward")
     if isinstance(target, type):
         return target(**(kwargs or {}))
     if kwargs:

@@ -1,0 +1,344 @@
+"""``iterate``: on-policy DPO in rounds, the tutorial's second method repeated, as iterative DPO does.
+
+Each round: sample ``num_samples`` answers per prompt from the current policy, score them with the weighted rewards
+(``scoring.py``), keep the best and the worst of each prompt as a pair, train on the pairs with the ``fit`` command
+(its sections come from the same YAML), export, and evaluate greedy answers to held-out prompts with the same
+rewards. Round ``r + 1`` samples from round ``r``'s export.
+
+Everything lands in ``output_dir``::
+
+    iterate.json            the settings (a rerun with other settings is refused)
+    rounds.json, rounds.png the round-by-round record and its plot; record/ holds it for TensorBoard
+    round_0/round.json      the initial model's held-out evaluation
+    round_<r>/samples.jsonl the scored samples          pairs.jsonl   the pairs
+              fit.yaml      the round's fit config      checkpoints/, TensorBoard events, hf_model/ (the export)
+              eval.jsonl    held-out answers            round.json    the round's record
+
+A killed run resumes when the same command runs again: finished rounds and a round's samples and pairs are reused,
+and a fit resumes from its last checkpoint (set ``checkpoint.every_n_train_steps`` in the fit sections to keep one
+mid-epoch). Samples are drawn with seed ``seed + round``, so a rerun draws the same answers.
+
+With LoRA, each round's export merges its adapters, and the next round trains fresh adapters on the merged model
+(``model.lora.lora_export: adapter`` is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+from ..atomic import atomic_open
+from ..data.reading import read_prompt_rows
+from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
+from ..eval.probes import degeneracy
+from ..model.loading import default_device, load_causal_lm, load_tokenizer
+from .build import SystemPromptDeck, _pair_row
+from .rounds import fit_metrics, read_json, write_record
+from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
+
+
+def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm], rounds: int = 2,
+            output_dir: str = "lightning_logs/iterate", reference: Literal["initial", "previous"] = "initial",
+            prompts_per_round: Optional[int] = None, num_samples: int = 4, temperature: float = 1.0,
+            top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16,
+            system_prompts: Sequence[Optional[str]] = (None,), length_penalty: float = 0.0, min_reward_gap: float = 0.0,
+            mark_unfinished: bool = False, eval_prompts_path: Optional[str] = None,
+            eval_system_prompt: Optional[str] = None, seed: int = 0,
+            dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> list[dict[str, Any]]:
+    """Iterative on-policy DPO: rounds of sample, score, pair, fit, export, evaluate.
+
+    Args:
+        fit: the ``fit`` sections (``model``, ``data``, ``trainer``, ``probes``, ...) as in a ``fit --config`` file,
+            or the path of such a file. ``model.model_name_or_path`` is the initial policy; ``iterate`` sets each
+            round's policy, reference, training pairs, log directory, checkpoints and export.
+        prompts_path: JSON Lines prompt rows (``prompt``, plus the fields verifiable rewards read, e.g. ``answer``).
+        rewards: the weighted reward terms summed into each answer's score.
+        rounds: how many rounds (raising it and rerunning continues a finished run).
+        output_dir: where the rounds, their models and the record are written.
+        reference: ``initial``: the initial model is every round's reference; ``previous``: the policy the round
+            starts from (iterative DPO's choice).
+        prompts_per_round: prompts sampled per round, taken in turn from the shuffled prompt file (all prompts
+            every round when unset).
+        num_samples: answers sampled per prompt (at least 2).
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        max_new_tokens: answer length budget for sampling and evaluation.
+        batch_size: prompts per generation batch.
+        system_prompts: system messages the prompts are asked under, one drawn per prompt and round so each is used
+            about equally often (``null`` = the chat template's default).
+        length_penalty: subtracted from an answer's reward per token.
+        min_reward_gap: a prompt gives a pair only when its best and worst rewards differ by more than this.
+        mark_unfinished: train answers that ran out of ``max_new_tokens`` without an end of turn (as build-pairs).
+        eval_prompts_path: held-out prompt rows (never sampled for training) answered greedily after each round and
+            scored with the same rewards; round 0 is the initial model.
+        eval_system_prompt: the system message of the held-out evaluation.
+        seed: seed of the prompt order, the system-prompt draws and the samples (``seed + round``).
+        dtype: weights dtype for sampling and evaluation.
+    """
+    fit_config = _fit_sections(fit)
+    initial = fit_config["model"]["model_name_or_path"]
+    trust = bool(fit_config["model"].get("trust_remote_code", False))
+    if rounds < 1 or num_samples < 2:
+        raise ValueError(f"need rounds >= 1 and num_samples >= 2, got rounds={rounds}, num_samples={num_samples}")
+    if not list(system_prompts):
+        raise ValueError("--system_prompts is empty; use [null] for the chat template's default")
+    scorer = WeightedReward(rewards, length_penalty)
+    rows = read_prompt_rows(prompts_path)
+    scorer.validate(rows)
+    eval_rows = read_prompt_rows(eval_prompts_path) if eval_prompts_path else []
+    scorer.validate(eval_rows)
+    shared = {r["prompt"].strip() for _, r in rows} & {r["prompt"].strip() for _, r in eval_rows}
+    if shared:
+        raise ValueError(f"{eval_prompts_path}: {len(shared)} prompts are also in {prompts_path} (e.g. "
+                         f"{sorted(shared)[0]!r}); held-out prompts must never be sampled for training")
+    settings = {k: v for k, v in locals().items() if k in SETTINGS}
+    settings["rewards"] = [vars(term) for term in rewards]
+    _claim(output_dir, settings)
+
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    per_round = prompts_per_round or len(rows)
+    records = [_round_zero(output_dir, initial, eval_rows, scorer, max_new_tokens, batch_size, eval_system_prompt,
+                           dtype, trust)]
+    for r in range(1, rounds + 1):
+        round_dir = os.path.join(output_dir, f"round_{r}")
+        record = read_json(os.path.join(round_dir, "round.json"))
+        if record is None:
+            started = time.time()
+            policy = initial if r == 1 else os.path.join(output_dir, f"round_{r - 1}", "hf_model")
+            ref = initial if reference == "initial" else policy
+            os.makedirs(round_dir, exist_ok=True)
+            fit_path = _write_fit_config(fit_config, round_dir, policy, ref)
+            if r == 1 and not os.path.exists(os.path.join(round_dir, "fit_done.json")):
+                _check_fit_config(fit_path)  # a bad fit section fails now, not after the first sampling
+            picked = [rows[order[(start + k) % len(rows)]] for start in [(r - 1) * per_round]
+                      for k in range(min(per_round, len(rows)))]
+            samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
+                                             temperature, top_p, max_new_tokens, batch_size, dtype, trust)
+            counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished)
+            metrics = _fit(round_dir, fit_path, r)
+            export = os.path.join(round_dir, "hf_model")
+            record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
+                      "prompts": len(picked), "pairs": counts["kept"],
+                      "usable_share": counts["kept"] / max(1, len(picked)),
+                      "dropped": {k: v for k, v in counts.items() if k != "kept"}, "fit": metrics,
+                      "eval": _evaluate(round_dir, export, eval_rows, scorer, max_new_tokens, batch_size,
+                                        eval_system_prompt, dtype, trust),
+                      "seconds": round(time.time() - started, 1)}
+            with atomic_open(os.path.join(round_dir, "round.json"), encoding="utf-8") as f:
+                json.dump(record, f, indent=2, ensure_ascii=False)
+        records.append(record)
+        write_record(output_dir, records)
+        _print_round(record)
+    return records
+
+
+SETTINGS = ("fit", "prompts_path", "reference", "prompts_per_round", "num_samples", "temperature", "top_p",
+            "max_new_tokens", "system_prompts", "length_penalty", "min_reward_gap", "mark_unfinished",
+            "eval_prompts_path", "eval_system_prompt", "seed", "dtype")  # what a resumed run must share
+
+
+def _fit_sections(fit: Union[str, dict]) -> dict[str, Any]:
+    if isinstance(fit, str):
+        with open(fit, encoding="utf-8") as f:
+            fit = yaml.safe_load(f) or {}
+    config = copy.deepcopy(dict(fit))
+    model = config.get("model") or {}
+    if not model.get("model_name_or_path"):
+        raise ValueError("fit: model.model_name_or_path is required: the initial policy")
+    if (config.get("data") or {}).get("train_path"):
+        raise ValueError("fit: data.train_path is set, but iterate trains each round on its own pairs; remove it")
+    if ((model.get("lora") or {}).get("lora_export") or "merged") != "merged":
+        raise ValueError("fit: model.lora.lora_export must be 'merged': the next round samples from the export")
+    return config
+
+
+def _claim(output_dir: str, settings: dict[str, Any]) -> None:
+    """Record the settings in ``output_dir``; refuse a directory that holds a run with other settings."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "iterate.json")
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+    earlier = read_json(path)
+    if earlier is not None and earlier != settings:
+        changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
+        raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)}); use another "
+                         "--output_dir or remove it")
+    with atomic_open(path, encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+
+
+def _write_fit_config(fit_config: dict[str, Any], round_dir: str, policy: str, ref: str) -> str:
+    config = copy.deepcopy(fit_config)
+    model = config.setdefault("model", {})
+    model["model_name_or_path"] = policy
+    model["reference"] = {**(model.get("reference") or {}), "model_name_or_path": ref}
+    config.setdefault("data", {})
+    config["data"] = {**(config["data"] or {}), "train_path": os.path.join(round_dir, "pairs.jsonl")}
+    trainer = config["trainer"] = dict(config.get("trainer") or {})
+    trainer["default_root_dir"] = round_dir
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                         "init_args": {"save_dir": round_dir, "name": "", "version": ""}}
+    config["checkpoint"] = {**(config.get("checkpoint") or {}), "dirpath": os.path.join(round_dir, "checkpoints")}
+    config["export"] = {**(config.get("export") or {}), "dirpath": os.path.join(round_dir, "hf_model"),
+                        "enabled": True}
+    path = os.path.join(round_dir, "fit.yaml")
+    with atomic_open(path, encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    return path
+
+
+def _fit_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dpo_lightning", "fit", *args]
+
+
+def _check_fit_config(fit_path: str) -> None:
+    proc = subprocess.run(_fit_command("--config", fit_path, "--print_config"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ValueError(f"the fit sections do not parse ({fit_path}):\n{proc.stderr.strip()[-2000:]}")
+
+
+def _fit(round_dir: str, fit_path: str, r: int) -> dict[str, float]:
+    """Train the round with the ``fit`` command (a process of its own: DDP launches as it does from the shell),
+    resuming from the round's last checkpoint when one exists; returns its DPO metrics."""
+    done = read_json(os.path.join(round_dir, "fit_done.json"))
+    if done is not None:
+        return done
+    last = os.path.join(round_dir, "checkpoints", "last.ckpt")
+    resume = ["--ckpt_path", last] if os.path.exists(last) else []
+    saved = os.path.join(round_dir, "config.yaml")  # Lightning's copy of fit.yaml; it refuses to overwrite one
+    if os.path.exists(saved):
+        os.remove(saved)
+    print(f"[dpo_lightning] round {r}: fit" + (f", resuming from {last}" if resume else ""), flush=True)
+    code = subprocess.call(_fit_command("--config", fit_path, *resume))
+    if code != 0:
+        raise RuntimeError(f"round {r}: fit exited with code {code} ({fit_path}); run the same iterate command "
+                           "again to resume")
+    metrics = fit_metrics(round_dir)
+    with atomic_open(os.path.join(round_dir, "fit_done.json"), encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def _load(path: str, dtype: str, trust: bool) -> tuple[Any, Any]:
+    return load_tokenizer(path, trust), load_causal_lm(path, dtype, trust_remote_code=trust, device=default_device())
+
+
+def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]], scorer: WeightedReward,
+             system_prompts: Sequence[Optional[str]], seed: int, num_samples: int, temperature: float, top_p: float,
+             max_new_tokens: int, batch_size: int, dtype: str, trust: bool) -> tuple[list[dict], dict[str, Any]]:
+    """The round's scored samples: read back when a run already wrote them, else sampled from ``policy``."""
+    path = os.path.join(round_dir, "samples.jsonl")
+    if not os.path.exists(path):
+        tokenizer, model = _load(policy, dtype, trust)
+        deck = SystemPromptDeck(list(system_prompts), 1, random.Random(seed * 1000 + r))
+        systems = [deck.draw()[0] for _ in picked]
+        prompts = [render_prompt(tokenizer, chat_messages(row["prompt"], system))
+                   for (_, row), system in zip(picked, systems)]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   num_return_sequences=num_samples, do_sample=True, temperature=temperature,
+                                   top_p=top_p, seed=seed + r, progress=f"round {r}: sampling from {policy}")
+        del model
+        gc.collect()
+        scored = scorer.score(picked, answers)
+        with atomic_open(path, encoding="utf-8") as f:
+            for (where, row), system, group in zip(picked, systems, scored):
+                f.write(json.dumps({"where": where, "prompt": row["prompt"], "system": system, "answers": [
+                    {"text": s.answer.text, "finished": s.answer.finished, "num_tokens": s.answer.num_tokens,
+                     "reward": s.reward, "terms": s.terms} for s in group]}, ensure_ascii=False) + "\n")
+    with open(path, encoding="utf-8") as f:
+        samples = [json.loads(line) for line in f]
+    rewards = [a["reward"] for s in samples for a in s["answers"]]
+    terms = [a["terms"] for s in samples for a in s["answers"]]
+    stats = {"answers": len(rewards), "reward_mean": sum(rewards) / len(rewards), "reward_min": min(rewards),
+             "reward_max": max(rewards), "terms": {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}}
+    return samples, stats
+
+
+def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfinished: bool) -> Counter:
+    """Best and worst answer of each prompt as a pair (``pairs.jsonl``); returns the kept and dropped counts."""
+    counts: Counter = Counter(kept=0)
+    out = []
+    for s in samples:
+        scored = [Scored(Answer(a["text"], a["finished"], a["num_tokens"]), a["reward"], a["terms"])
+                  for a in s["answers"]]
+        pair, why = pick_pair(scored, min_gap)
+        if pair is None or not pair[1].answer.text.strip():
+            counts[why or "dropped: empty model answer"] += 1
+            continue
+        chosen, rejected = pair
+        out.append(_pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
+                             mark_unfinished and not chosen.answer.finished,
+                             mark_unfinished and not rejected.answer.finished))
+        counts["kept"] += 1
+    if not out:
+        raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}); the samples all scored the same: "
+                           "raise num_samples or temperature, or use a reward that tells the answers apart")
+    with atomic_open(os.path.join(round_dir, "pairs.jsonl"), encoding="utf-8") as f:
+        for row in out:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return counts
+
+
+def _evaluate(round_dir: str, model_path: str, rows: list[tuple[str, dict]], scorer: WeightedReward,
+              max_new_tokens: int, batch_size: int, system_prompt: Optional[str], dtype: str,
+              trust: bool) -> dict[str, float]:
+    """Greedy answers of ``model_path`` to the held-out rows, scored with the rewards (``eval.jsonl``)."""
+    if not rows:
+        return {}
+    tokenizer, model = _load(model_path, dtype, trust)
+    prompts = [render_prompt(tokenizer, chat_messages(row["prompt"], system_prompt)) for _, row in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=f"evaluating {model_path}")
+    del model
+    gc.collect()
+    scored = [group[0] for group in scorer.score(rows, answers)]
+    with atomic_open(os.path.join(round_dir, "eval.jsonl"), encoding="utf-8") as f:
+        for (where, row), s in zip(rows, scored):
+            f.write(json.dumps({"where": where, "prompt": row["prompt"], "answer": s.answer.text,
+                                "finished": s.answer.finished, "reward": s.reward, "terms": s.terms},
+                               ensure_ascii=False) + "\n")
+    n = len(scored)
+    result = {"reward_mean": sum(s.reward for s in scored) / n,
+              "degenerate_rate": sum(degeneracy(s.answer.text, s.answer.finished) is not None for s in scored) / n}
+    for name in scored[0].terms:
+        result[f"{name}_mean"] = sum(s.terms[name] for s in scored) / n
+    return result
+
+
+def _round_zero(output_dir: str, initial: str, eval_rows: list[tuple[str, dict]], scorer: WeightedReward,
+                max_new_tokens: int, batch_size: int, system_prompt: Optional[str], dtype: str,
+                trust: bool) -> dict[str, Any]:
+    round_dir = os.path.join(output_dir, "round_0")
+    record = read_json(os.path.join(round_dir, "round.json"))
+    if record is None:
+        os.makedirs(round_dir, exist_ok=True)
+        record = {"round": 0, "policy": initial, "eval": _evaluate(round_dir, initial, eval_rows, scorer,
+                                                                   max_new_tokens, batch_size, system_prompt,
+                                                                   dtype, trust)}
+        with atomic_open(os.path.join(round_dir, "round.json"), encoding="utf-8") as f:
+            json.dump(record, f, indent=2, ensure_ascii=False)
+    _print_round(record)
+    return record
+
+
+def _print_round(record: dict[str, Any]) -> None:
+    parts = [f"round {record['round']}"]
+    if "samples" in record:
+        s = record["samples"]
+        parts.append(f"samples reward {s['reward_mean']:.3f} [{s['reward_min']:.3g}, {s['reward_max']:.3g}]")
+        parts.append(f"{record['pairs']} pairs from {record['prompts']} prompts ({record['usable_share']:.0%})")
+    if record.get("eval"):
+        parts.append(f"held-out reward {record['eval']['reward_mean']:.3f}")
+    for tag in ("val/probes/name_rate", "val/probes/degenerate_rate"):
+        if tag in (record.get("fit") or {}):
+            parts.append(f"{tag.rpartition('/')[2]} {record['fit'][tag]:.3f}")
+    print("[dpo_lightning] " + " | ".join(parts), flush=True)

@@ -1,0 +1,111 @@
+"""Verifiable rewards: a check of one answer against its prompt row (exact match, a final answer found by a regular
+expression, or any Python function such as a unit test), scoring ``weight`` when it passes.
+
+Each is named by import path in a reward list (``iterate --rewards``, ``build-pairs --reward``) and reads the
+expected value from a field of the prompt row, e.g. ``{"prompt": "What is 17 + 25?", "answer": "42"}``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Optional, Sequence
+
+from .rewards import import_attribute
+
+
+class VerifiableReward:
+    """Base class: :meth:`check` scores one answer given its prompt row; :meth:`validate` checks the rows first.
+
+    Args:
+        field: the prompt row's field holding what the answer is checked against (None: no field needed).
+    """
+
+    field: Optional[str] = "answer"
+
+    def validate(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Raise naming the file, row and field when a prompt row lacks what :meth:`check` reads."""
+        if self.field is None:
+            return
+        for where, row in rows:
+            if row.get(self.field) is None:
+                raise ValueError(f"{where}: field {self.field!r}: {type(self).__name__} needs it in every prompt row")
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+
+def _normal(text: str, ignore_case: bool) -> str:
+    text = " ".join(str(text).split()).strip(" .!。")
+    return text.lower() if ignore_case else text
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(str(text).replace(",", "").replace(" ", ""))
+    except ValueError:
+        return None
+
+
+class ExactMatch(VerifiableReward):
+    """1 when the whole answer equals the row's ``field`` (whitespace runs and end punctuation ignored), else 0.
+
+    Args:
+        field: the row field holding the expected answer.
+        ignore_case: compare without regard to case.
+    """
+
+    def __init__(self, field: str = "answer", ignore_case: bool = True) -> None:
+        self.field, self.ignore_case = field, ignore_case
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        return float(_normal(answer, self.ignore_case) == _normal(row[self.field], self.ignore_case))
+
+
+class FinalAnswer(VerifiableReward):
+    """1 when the last match of ``pattern`` in the answer (its first group) equals the row's ``field``; numbers are
+    compared as numbers (``1,000`` = ``1000.0``). 0 when it differs or nothing matches; ``format_weight`` is given
+    for a match with a wrong value (the answer kept the format).
+
+    Args:
+        pattern: regular expression whose first group is the final answer, e.g. ``Answer:\\s*(-?[\\d,.]+)``.
+        field: the row field holding the expected answer.
+        format_weight: the score of a well-formed but wrong final answer.
+        ignore_case: match and compare without regard to case.
+    """
+
+    def __init__(self, pattern: str = r"answer\s*[:：]\s*\$?\s*(-?[\d,]*\.?\d+)", field: str = "answer",
+                 format_weight: float = 0.0, ignore_case: bool = True) -> None:
+        self.regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+        if self.regex.groups < 1:
+            raise ValueError(f"FinalAnswer pattern {pattern!r} needs a group around the answer, e.g. '(-?\\d+)'")
+        self.field, self.format_weight, self.ignore_case = field, format_weight, ignore_case
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        found = self.regex.findall(answer)
+        if not found:
+            return 0.0
+        last = found[-1][0] if isinstance(found[-1], tuple) else found[-1]
+        got, expected = _number(last), _number(row[self.field])
+        if got is not None and expected is not None:
+            right = math.isclose(got, expected, rel_tol=0.0, abs_tol=1e-9)
+        else:
+            right = _normal(last, self.ignore_case) == _normal(row[self.field], self.ignore_case)
+        return 1.0 if right else self.format_weight
+
+
+class PythonCheck(VerifiableReward):
+    """The score of a Python function ``check(answer: str, row: dict) -> bool | float`` named by import path,
+    e.g. one that runs the row's unit tests against the code in the answer.
+
+    Args:
+        function: import path ``package.module.function``.
+        field: a row field the function needs (checked in every row before sampling), or None.
+    """
+
+    def __init__(self, function: str, field: Optional[str] = None) -> None:
+        self.function: Callable[[str, dict[str, Any]], Any] = import_attribute(function, "check function")
+        self.field, self.name = field, function
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        return float(self.function(answer, row))

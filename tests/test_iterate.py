@@ -1,0 +1,189 @@
+"""``iterate``: rounds of sample, score, pair, fit through the command line on a tiny model; round 2 samples from
+round 1's export; the reference choice; a run killed mid-round resumes to the uninterrupted result; the record."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import PAIRS, ROOT, run_cli, scalar_tags, write_jsonl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROUNDS = 2
+
+
+def iterate_config(tmp_path, model_dir, marker, **settings) -> str:
+    """An iterate YAML: 8 prompts, 4 held-out ones, a character-count reward plus a verifiable one, the tiny fit."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q, "answer": "deep"} for q, _, _ in PAIRS])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": q, "answer": "smol"} for q in
+                                                         ("hello there ?", "who made it ?", "what is the sea ?",
+                                                          "can you answer my questions ?")])
+    fit = {"model": {"model_name_or_path": model_dir,
+                     "optimizer": {"class_path": "dpo_lightning.training.optim.AdamW", "init_args": {"lr": 1e-2}}},
+           "data": {"val_fraction": 0.25, "batch_size": 2, "max_length": 128, "max_prompt_length": 64,
+                    "cache_dir": None},
+           "trainer": {"accelerator": "cpu", "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
+                       "callbacks": [{"class_path": "iterate_helpers.KillOnce",
+                                      "init_args": {"marker": str(marker), "round_dir": "round_2", "step": 2}}]},
+           "checkpoint": {"every_n_train_steps": 1}}
+    config = {"fit": fit, "prompts_path": prompts, "eval_prompts_path": held_out, "rounds": ROUNDS,
+              "num_samples": 3, "max_new_tokens": 8, "length_penalty": 0.01, "seed": 3,
+              "system_prompts": [None, "you are a helpful assistant ."],
+              "rewards": [{"reward": "iterate_helpers.characters"},
+                          {"reward": "dpo_lightning.pairs.verifiable.FinalAnswer", "weight": 5.0,
+                           "arguments": {"pattern": "(deep|smol)"}}], **settings}
+    path = tmp_path / "iterate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def iterate_cli(config, output_dir, check=True):
+    args = ["iterate", "--config", config, f"--output_dir={output_dir}"]
+    if check:
+        return run_cli(args, cwd=ROOT, extra_path=HERE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((ROOT, HERE))}
+    return subprocess.run([sys.executable, "-m", "dpo_lightning", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def expected_reward(text, row_answer, num_tokens):
+    """The weighted sum, computed here: characters + 5 x (last 'deep'/'smol' is the row's answer) - 0.01/token."""
+    found = re.findall("(deep|smol)", text, re.IGNORECASE)
+    final = bool(found) and found[-1].lower() == row_answer
+    return len(text) + 5.0 * final - 0.01 * num_tokens
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """Two rounds through the command line, uninterrupted, reference = the initial model."""
+    tmp = tmp_path_factory.mktemp("iterate_straight")
+    config = iterate_config(tmp, tiny_model_dir, tmp / "no-kill")
+    out = tmp / "run"
+    printed = iterate_cli(config, out)
+    return config, out, printed
+
+
+def test_two_rounds_end_to_end(straight_run, tiny_model_dir):
+    from dpo_lightning.eval.generation import chat_messages, generate_answers, render_prompt
+    from dpo_lightning.model.loading import load_causal_lm, load_tokenizer
+
+    config, out, printed = straight_run
+    records = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[1]["policy"] == tiny_model_dir and records[2]["policy"] == str(out / "round_1" / "hf_model")
+    assert "round 2 | samples reward" in printed
+    settings = yaml.safe_load(open(config))
+    rows = {r["prompt"]: r for r in read_jsonl(settings["prompts_path"])}
+    for r in (1, 2):
+        round_dir = out / f"round_{r}"
+        samples = read_jsonl(round_dir / "samples.jsonl")
+        assert len(samples) == len(PAIRS) and all(len(s["answers"]) == 3 for s in samples)
+        # round r's samples are those of a plain generate() from the model it says it sampled, with seed + r
+        model_path = records[r]["policy"]
+        tokenizer, model = load_tokenizer(model_path), load_causal_lm(model_path, "float32")
+        prompts = [render_prompt(tokenizer, chat_messages(s["prompt"], s["system"])) for s in samples]
+        again = generate_answers(model, tokenizer, prompts, max_new_tokens=8, num_return_sequences=3,
+                                 do_sample=True, seed=3 + r)
+        for s, answers in zip(samples, again):
+            assert [(a["text"], a["finished"], a["num_tokens"]) for a in s["answers"]] == \
+                [(a.text, a.finished, a.num_tokens) for a in answers]
+            for a in s["answers"]:
+                assert a["reward"] == pytest.approx(expected_reward(a["text"], rows[s["prompt"]]["answer"],
+                                                                    a["num_tokens"]))
+        # the pairs: best and worst sample of each prompt whose rewards differ
+        pairs = read_jsonl(round_dir / "pairs.jsonl")
+        by_prompt = {s["prompt"]: s for s in samples}
+        for pair in pairs:
+            answers = by_prompt[pair["question"]]["answers"]
+            best = max(answers, key=lambda a: a["reward"])
+            worst = min(answers, key=lambda a: a["reward"])
+            assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == (best["text"], worst["text"])
+        assert records[r]["pairs"] == len(pairs) and records[r]["usable_share"] == len(pairs) / len(PAIRS)
+        rewards = [a["reward"] for s in samples for a in s["answers"]]
+        assert records[r]["samples"]["reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
+        assert records[r]["samples"]["reward_max"] == max(rewards)
+        # the round's DPO metrics are its TensorBoard values; its held-out figure is the mean of eval.jsonl
+        _, acc = scalar_tags(round_dir)
+        assert records[r]["fit"]["val/loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)
+        evaluated = read_jsonl(round_dir / "eval.jsonl")
+        assert records[r]["eval"]["reward_mean"] == pytest.approx(sum(e["reward"] for e in evaluated) / 4)
+    # round 2 sampled from a model that differs from the initial one
+    base_tok, base = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir, "float32")
+    s2 = read_jsonl(out / "round_2" / "samples.jsonl")
+    from_base = generate_answers(base, base_tok, [render_prompt(base_tok, chat_messages(s["prompt"], s["system"]))
+                                                  for s in s2], max_new_tokens=8, num_return_sequences=3,
+                                 do_sample=True, seed=5)
+    assert [[a.text for a in answers] for answers in from_base] != [[a["text"] for a in s["answers"]] for s in s2]
+    # the record in TensorBoard, one point per round, and the plot
+    tags, acc = scalar_tags(out / "record")
+    assert {"round/samples/reward_mean", "round/usable_share", "round/pairs", "round/eval/reward_mean",
+            "round/fit/train/rewards/accuracies", "round/fit/val/loss"} <= tags
+    assert [e.step for e in acc.Scalars("round/eval/reward_mean")] == [0, 1, 2]
+    assert [e.value for e in acc.Scalars("round/pairs")] == [records[1]["pairs"], records[2]["pairs"]]
+    assert "round/plot" in acc.Tags()["images"]
+    from PIL import Image
+
+    assert Image.open(out / "rounds.png").size[0] >= 360
+
+
+def first_step_loss(round_dir):
+    _, acc = scalar_tags(round_dir)
+    return acc.Scalars("train/loss")[0].value
+
+
+def test_reference_choice(straight_run, tiny_model_dir, tmp_path):
+    """Round 2 starts from round 1's export: against the initial model its step-0 loss is not ln 2; against the
+    previous policy (the same weights) it is."""
+    config, out, _ = straight_run
+    assert first_step_loss(out / "round_1") == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first_step_loss(out / "round_2") - math.log(2)) > 1e-3
+    assert yaml.safe_load((out / "round_2" / "fit.yaml").read_text())["model"]["reference"][
+        "model_name_or_path"] == tiny_model_dir
+    previous = iterate_config(tmp_path, tiny_model_dir, tmp_path / "no-kill", reference="previous")
+    iterate_cli(previous, tmp_path / "run")
+    assert first_step_loss(tmp_path / "run" / "round_2") == pytest.approx(math.log(2), abs=1e-5)
+    assert yaml.safe_load((tmp_path / "run" / "round_2" / "fit.yaml").read_text())["model"]["reference"][
+        "model_name_or_path"] == str(tmp_path / "run" / "round_1" / "hf_model")
+
+
+def test_killed_mid_round_resumes_to_the_uninterrupted_result(straight_run, tiny_model_dir, tmp_path):
+    _, straight, _ = straight_run
+    marker = tmp_path / "kill"
+    marker.write_text("")
+    config = iterate_config(tmp_path, tiny_model_dir, marker)  # the straight run's settings, the kill armed
+    out = tmp_path / "run"
+    killed = iterate_cli(config, out, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    round_2 = out / "round_2"
+    assert (round_2 / "samples.jsonl").exists() and not (round_2 / "round.json").exists()
+    assert torch.load(round_2 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    sampled_at = (round_2 / "samples.jsonl").stat().st_mtime_ns
+
+    printed = iterate_cli(config, out)
+    assert f"round 2: fit, resuming from {round_2 / 'checkpoints' / 'last.ckpt'}" in printed
+    assert (round_2 / "samples.jsonl").stat().st_mtime_ns == sampled_at  # reused, not sampled again
+    a, b = [json.loads((d / "rounds.json").read_text()) for d in (straight, out)]
+    assert len(a) == len(b) == 3
+    for record_a, record_b in zip(a, b):
+        for key in ("samples", "pairs", "usable_share", "dropped", "eval"):
+            assert record_b.get(key) == record_a.get(key)
+        assert record_b.get("fit", {}) == pytest.approx(record_a.get("fit", {}), abs=1e-5)
+    for r in (1, 2):  # the same samples (the prompt files lie in different folders)
+        assert [{**s, "where": None} for s in read_jsonl(out / f"round_{r}" / "samples.jsonl")] == \
+            [{**s, "where": None} for s in read_jsonl(straight / f"round_{r}" / "samples.jsonl")]
+    weights_a = load_file(straight / "round_2" / "hf_model" / "model.safetensors")
+    weights_b = load_file(round_2 / "hf_model" / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)

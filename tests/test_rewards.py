@@ -1,0 +1,117 @@
+"""Rewards for on-policy pairs: verifiable checks, the weighted sum with a length penalty (by hand), the best/worst
+choice, error messages that name the prompt and the answer, and ``iterate``'s refusals before any model loads."""
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from dpo_lightning.eval.generation import Answer
+from dpo_lightning.pairs.iterate import iterate
+from dpo_lightning.pairs.scoring import RewardError, RewardTerm, Scored, WeightedReward, pick_pair
+from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, PythonCheck
+
+
+def answers(*texts, tokens=None):
+    return [Answer(t, True, len(t.split()) if tokens is None else tokens) for t in texts]
+
+
+def test_final_answer_reads_the_last_answer_line_and_compares_numbers():
+    check = FinalAnswer(format_weight=0.25)
+    row = {"answer": "1000"}
+    assert check.check("10 x 100 = 1,000.\nAnswer: 1,000", row) == 1.0
+    assert check.check("Answer: 7\nNo wait. Answer: 1000.0", row) == 1.0  # the last line counts
+    assert check.check("Answer: 1000\nAnswer: 999", row) == 0.25  # well formed, wrong
+    assert check.check("It is 1000.", row) == 0.0  # no answer line
+    words = FinalAnswer(pattern=r"capital is (\w+)")
+    assert words.check("The capital is paris.", {"answer": "Paris"}) == 1.0
+    with pytest.raises(ValueError, match="needs a group"):
+        FinalAnswer(pattern=r"answer: \d+")
+
+
+def test_exact_match_and_a_unit_test_check():
+    assert ExactMatch().check("  Paris. ", {"answer": "paris"}) == 1.0
+    assert ExactMatch(ignore_case=False).check("paris", {"answer": "Paris"}) == 0.0
+    unit = PythonCheck("iterate_helpers.passes_tests", field="tests")
+    row = {"tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0"}
+    assert unit.check("def add(a, b):\n    return a + b", row) == 1.0
+    assert unit.check("def add(a, b):\n    return a - b", row) == 0.0
+    assert unit.check("this is not python", row) == 0.0
+
+
+def test_weighted_sum_with_length_penalty_by_hand():
+    reward = WeightedReward([RewardTerm("iterate_helpers.characters", weight=0.5),
+                             RewardTerm("dpo_lightning.pairs.verifiable.ExactMatch", weight=2.0, name="exact")],
+                            length_penalty=0.1)
+    rows = [("p.jsonl line 1", {"prompt": "q1", "answer": "yes"}), ("p.jsonl line 2", {"prompt": "q2", "answer": "no"})]
+    scored = reward.score(rows, [answers("yes", "no no"), answers("no", tokens=4)])
+    # "yes": 0.5 * 3 + 2 * 1 - 0.1 * 1; "no no": 0.5 * 5 + 0 - 0.1 * 2; "no" (4 tokens): 0.5 * 2 + 2 - 0.4
+    assert [s.reward for group in scored for s in group] == pytest.approx([3.4, 2.3, 2.6])
+    assert scored[0][1].terms == {"characters": 5.0, "exact": 0.0, "length": 2.0}
+
+
+def test_best_and_worst_pair_ties_and_identical_texts():
+    scored = [Scored(a, r) for a, r in zip(answers("a", "b", "c", "d"), [1.0, 3.0, 0.0, 3.0])]
+    (best, worst), why = pick_pair(scored)
+    assert (best.answer.text, worst.answer.text, why) == ("b", "c", None)  # the first of equal scores
+    assert pick_pair([Scored(a, 2.0) for a in answers("a", "b")]) == (None, "dropped: all samples scored the same")
+    assert pick_pair(scored, min_gap=3.0)[0] is None
+    same = [Scored(a, r) for a, r in zip(answers("x", "x"), [1.0, 0.0])]
+    assert pick_pair(same) == (None, "dropped: chosen identical to rejected")
+
+
+def test_reward_errors_name_the_prompt_and_the_answer():
+    rows = [("p.jsonl line 1", {"prompt": "what color is it ?", "answer": "blue"}),
+            ("p.jsonl line 2", {"prompt": "and the sky ?", "answer": "blue"})]
+    raising = WeightedReward([RewardTerm("iterate_helpers.fails_on_sky")])
+    with pytest.raises(RewardError, match=r"'fails_on_sky' raised KeyError: 'sky' on the prompt at p.jsonl line 2 "
+                                          r"\('and the sky \?'\), answer 'the sky is blue'"):
+        raising.score(rows, [answers("it is blue"), answers("green", "the sky is blue")])
+    unit = WeightedReward([RewardTerm("dpo_lightning.pairs.verifiable.PythonCheck",
+                                      {"function": "iterate_helpers.passes_tests", "field": "tests"})])
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: field 'tests': PythonCheck needs it"):
+        unit.validate(rows)
+    nan = WeightedReward([RewardTerm("math.sqrt")])  # a one-argument function: raises on every call
+    with pytest.raises(RewardError, match=r"'sqrt' raised TypeError.*p.jsonl line 1.*answer 'it is blue'"):
+        nan.score(rows, [answers("it is blue")])
+    with pytest.raises(ValueError, match="names must differ"):
+        WeightedReward([RewardTerm("iterate_helpers.characters"), RewardTerm("iterate_helpers.characters")])
+
+
+def test_a_score_that_is_not_a_finite_number_is_refused(monkeypatch):
+    import iterate_helpers
+
+    monkeypatch.setattr(iterate_helpers, "characters", lambda q, a: [float("nan")] * len(a))
+    reward = WeightedReward([RewardTerm("iterate_helpers.characters")])
+    with pytest.raises(RewardError, match=r"returned nan, not a finite number on the prompt at p line 1 \('q'\), "
+                                          r"answer 'x'"):
+        reward.score([("p line 1", {"prompt": "q"})], [answers("x")])
+
+
+@pytest.fixture
+def iterate_inputs(tmp_path, tiny_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what is 2 + 2 ?", "answer": "4"}])
+    fit = {"model": {"model_name_or_path": tiny_model_dir}}
+    return {"fit": fit, "prompts_path": prompts, "output_dir": str(tmp_path / "run"),
+            "rewards": [RewardTerm("dpo_lightning.pairs.verifiable.FinalAnswer")]}
+
+
+def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp_path):
+    with pytest.raises(ValueError, match="data.train_path is set"):
+        iterate(**{**iterate_inputs, "fit": {**iterate_inputs["fit"], "data": {"train_path": "x.jsonl"}}})
+    adapter = {"model": {**iterate_inputs["fit"]["model"], "lora": {"use_peft": True, "lora_export": "adapter"}}}
+    with pytest.raises(ValueError, match="lora_export must be 'merged'"):
+        iterate(**{**iterate_inputs, "fit": adapter})
+    with pytest.raises(ValueError, match="model.model_name_or_path is required"):
+        iterate(**{**iterate_inputs, "fit": {"model": {}}})
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [{"prompt": "what is 3 + 3 ?"}])
+    with pytest.raises(ValueError, match=r"no_answer.jsonl line 1: field 'answer'"):
+        iterate(**{**iterate_inputs, "eval_prompts_path": no_answer})
+    with pytest.raises(ValueError, match="1 prompts are also in"):
+        iterate(**{**iterate_inputs, "eval_prompts_path": iterate_inputs["prompts_path"]})
+    # a folder holding a run with other settings is refused, naming what changed
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "iterate.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(.*seed.*\)"):
+        iterate(**iterate_inputs)
