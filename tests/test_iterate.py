@@ -1,6 +1,7 @@
 """``iterate``: rounds of sample, score, pair, fit through the command line on a tiny model; round 2 samples from
 round 1's export; the reference choice; a run killed mid-round resumes to the uninterrupted result; the record."""
 
+import glob
 import json
 import math
 import os
@@ -32,7 +33,8 @@ def iterate_config(tmp_path, model_dir, marker, **settings) -> str:
            "trainer": {"accelerator": "cpu", "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
                        "callbacks": [{"class_path": "iterate_helpers.KillOnce",
                                       "init_args": {"marker": str(marker), "round_dir": "round_2", "step": 2}}]},
-           "checkpoint": {"every_n_train_steps": 1}}
+           "checkpoint": {"every_n_train_steps": 1},
+           "probes": {"prompts_path": held_out, "name": "deep", "max_new_tokens": 8}}
     config = {"fit": fit, "prompts_path": prompts, "eval_prompts_path": held_out, "rounds": ROUNDS,
               "num_samples": 3, "max_new_tokens": 8, "length_penalty": 0.01, "seed": 3,
               "system_prompts": [None, "you are a helpful assistant ."],
@@ -129,7 +131,9 @@ def test_two_rounds_end_to_end(straight_run, tiny_model_dir):
     # the record in TensorBoard, one point per round, and the plot
     tags, acc = scalar_tags(out / "record")
     assert {"round/samples/reward_mean", "round/usable_share", "round/pairs", "round/eval/reward_mean",
-            "round/fit/train/rewards/accuracies", "round/fit/val/loss"} <= tags
+            "round/fit/train/rewards/accuracies", "round/fit/val/loss", "round/fit/val/probes/name_rate"} <= tags
+    _, round_2 = scalar_tags(out / "round_2")
+    assert records[2]["fit"]["val/probes/name_rate"] == round_2.Scalars("val/probes/name_rate")[-1].value
     assert [e.step for e in acc.Scalars("round/eval/reward_mean")] == [0, 1, 2]
     assert [e.value for e in acc.Scalars("round/pairs")] == [records[1]["pairs"], records[2]["pairs"]]
     assert "round/plot" in acc.Tags()["images"]
@@ -145,15 +149,23 @@ def first_step_loss(round_dir):
 
 def test_reference_choice(straight_run, tiny_model_dir, tmp_path):
     """Round 2 starts from round 1's export: against the initial model its step-0 loss is not ln 2; against the
-    previous policy (the same weights) it is."""
+    previous policy (the same weights) it is. The second run trains LoRA adapters: round 1's are merged into its
+    export, and round 2's reference (fresh adapters switched off) is that merged model."""
     config, out, _ = straight_run
     assert first_step_loss(out / "round_1") == pytest.approx(math.log(2), abs=1e-5)
     assert abs(first_step_loss(out / "round_2") - math.log(2)) > 1e-3
     assert yaml.safe_load((out / "round_2" / "fit.yaml").read_text())["model"]["reference"][
         "model_name_or_path"] == tiny_model_dir
     previous = iterate_config(tmp_path, tiny_model_dir, tmp_path / "no-kill", reference="previous")
+    settings = yaml.safe_load(open(previous))
+    settings["fit"]["model"]["lora"] = {"use_peft": True, "lora_r": 4, "lora_alpha": 8}
+    open(previous, "w").write(yaml.safe_dump(settings))
     iterate_cli(previous, tmp_path / "run")
     assert first_step_loss(tmp_path / "run" / "round_2") == pytest.approx(math.log(2), abs=1e-5)
+    merged = load_file(tmp_path / "run" / "round_1" / "hf_model" / "model.safetensors")
+    assert not any("lora" in name for name in merged)  # plain weights: the adapters were merged
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(merged[name], base[name]) for name in base)  # and they moved the weights
     assert yaml.safe_load((tmp_path / "run" / "round_2" / "fit.yaml").read_text())["model"]["reference"][
         "model_name_or_path"] == str(tmp_path / "run" / "round_1" / "hf_model")
 
@@ -187,3 +199,30 @@ def test_killed_mid_round_resumes_to_the_uninterrupted_result(straight_run, tiny
     weights_b = load_file(round_2 / "hf_model" / "model.safetensors")
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "iterate_*.yaml"))))
+def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
+    from dpo_lightning.cli import DPOLightningCLI
+    from dpo_lightning.data.datamodule import PreferenceDataModule
+    from dpo_lightning.data.reading import read_prompt_rows
+    from dpo_lightning.pairs.scoring import RewardTerm, WeightedReward
+    from dpo_lightning.training.module import DPOModule
+
+    run_cli(["iterate", "--config", config, "--print_config"], cwd=ROOT)
+    settings = yaml.safe_load(open(config))
+    fit = tmp_path / "fit.yaml"
+    fit.write_text(yaml.safe_dump(settings["fit"]))
+    cli = DPOLightningCLI(DPOModule, PreferenceDataModule, run=False, auto_configure_optimizers=False,
+                          args=["--config", str(fit), "--data.train_path=pairs.jsonl", "--trainer.logger=false"])
+    assert cli.model.policy is None
+    reward = WeightedReward([RewardTerm(**term) for term in settings["rewards"]])
+    for key in ("prompts_path", "eval_prompts_path"):
+        reward.validate(read_prompt_rows(os.path.join(ROOT, settings[key])))
+    if os.path.basename(config) == "iterate_arithmetic.yaml":  # a right result outweighs the requested form
+        from dpo_lightning.eval.generation import Answer
+
+        texts = ["7 - 4 = 3\nAnswer: 3", "7 - 4 = 3", "Answer: 7", "It is three."]
+        scored = reward.score([("row", {"prompt": "What is 7 - 4?", "answer": "3"})],
+                              [[Answer(t, True, 5) for t in texts]])[0]
+        assert [s.reward for s in scored] == pytest.approx([1.05, 1.0, 0.05, 0.0])

@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.pairs.iterate import iterate
 from dpo_lightning.pairs.scoring import RewardError, RewardTerm, Scored, WeightedReward, pick_pair
 from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, PythonCheck
+
+from conftest import write_jsonl
 
 
 def answers(*texts, tokens=None):
@@ -109,6 +110,11 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "eval_prompts_path": no_answer})
     with pytest.raises(ValueError, match="1 prompts are also in"):
         iterate(**{**iterate_inputs, "eval_prompts_path": iterate_inputs["prompts_path"]})
+    # a fit section the fit command would refuse stops the run before any sampling
+    bogus = {"model": {**iterate_inputs["fit"]["model"], "beta": 0.1}}
+    with pytest.raises(ValueError, match=r"the fit sections do not parse(.|\n)*beta"):
+        iterate(**{**iterate_inputs, "fit": bogus, "output_dir": str(tmp_path / "bogus")})
+    assert not (tmp_path / "bogus" / "round_1" / "samples.jsonl").exists()
     # a folder holding a run with other settings is refused, naming what changed
     run = tmp_path / "run"
     run.mkdir()

@@ -102,13 +102,14 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
         raise ValueError(f"{eval_prompts_path}: {len(shared)} prompts are also in {prompts_path} (e.g. "
                          f"{sorted(shared)[0]!r}); held-out prompts must never be sampled for training")
     settings = {k: v for k, v in locals().items() if k in SETTINGS}
-    settings["rewards"] = [vars(term) for term in rewards]
+    settings["fit"], settings["rewards"] = fit_config, [vars(term) for term in rewards]
     _claim(output_dir, settings)
 
     order = random.Random(seed).sample(range(len(rows)), len(rows))
     per_round = prompts_per_round or len(rows)
     records = [_round_zero(output_dir, initial, eval_rows, scorer, max_new_tokens, batch_size, eval_system_prompt,
                            dtype, trust)]
+    write_record(output_dir, records)
     for r in range(1, rounds + 1):
         round_dir = os.path.join(output_dir, f"round_{r}")
         record = read_json(os.path.join(round_dir, "round.json"))
@@ -142,9 +143,10 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
     return records
 
 
+# what a resumed run must share (the batch size too: it decides which random numbers each sampled answer draws)
 SETTINGS = ("fit", "prompts_path", "reference", "prompts_per_round", "num_samples", "temperature", "top_p",
-            "max_new_tokens", "system_prompts", "length_penalty", "min_reward_gap", "mark_unfinished",
-            "eval_prompts_path", "eval_system_prompt", "seed", "dtype")  # what a resumed run must share
+            "max_new_tokens", "batch_size", "system_prompts", "length_penalty", "min_reward_gap", "mark_unfinished",
+            "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
 
 
 def _fit_sections(fit: Union[str, dict]) -> dict[str, Any]:

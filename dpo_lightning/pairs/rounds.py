@@ -94,6 +94,7 @@ PANELS = (  # (title, tags drawn in it)
     ("reward of the samples (mean, min, max)", ("round/samples/reward_mean", "round/samples/reward_min",
                                                 "round/samples/reward_max")),
     ("held-out reward (greedy)", ("round/eval/reward_mean",)),
+    ("held-out reward terms (mean)", ("round/eval/*_mean",)),
     ("prompts that gave a pair", ("round/usable_share",)),
     ("DPO reward accuracy (train, last epoch)", ("round/fit/train/rewards/accuracies",)),
     ("probes: name rate", ("round/fit/val/probes/name_rate",)),
@@ -104,7 +105,14 @@ COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
 def plot_rounds(series: dict[str, list[tuple[int, float]]], width: int = 360, height: int = 220) -> Image.Image:
     """Small multiples, one panel per figure present, each with its own y range; x is the round."""
-    panels = [(title, [t for t in tags if t in series]) for title, tags in PANELS]
+    def present(pattern: str) -> list[str]:  # "*" stands for any one tag part
+        head, star, tail = pattern.partition("*")
+        if not star:
+            return [pattern] if pattern in series else []
+        return sorted(t for t in series if t.startswith(head) and t.endswith(tail) and "/" not in t[len(head):]
+                      and t != "round/eval/reward_mean")
+
+    panels = [(title, [t for pattern in tags for t in present(pattern)]) for title, tags in PANELS]
     panels = [(title, tags) for title, tags in panels if tags] or [("no figures yet", [])]
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -113,7 +121,7 @@ def plot_rounds(series: dict[str, list[tuple[int, float]]], width: int = 360, he
     for n, (title, tags) in enumerate(panels):
         x0, y0 = (n % columns) * width, (n // columns) * height
         _panel(draw, font, (x0 + 44, y0 + 24, x0 + width - 12, y0 + height - 28), title, [series[t] for t in tags],
-               [t.rpartition("/")[2] for t in tags])
+               [t.rpartition("/")[2].removesuffix("_mean") for t in tags])
     return image
 
 
@@ -141,6 +149,7 @@ def _panel(draw: ImageDraw.ImageDraw, font: Any, box: tuple[int, int, int, int],
         draw.text((left - 42, at(x_lo, value)[1] - 6), f"{value:.3g}", fill=(90, 90, 90), font=font)
     for x in range(int(x_lo), int(x_hi) + 1):
         draw.text((at(x, y_lo)[0] - 3, bottom + 4), str(x), fill=(90, 90, 90), font=font)
+    legend_x = left + 4
     for k, (line, label) in enumerate(zip(lines, labels)):
         colour = COLOURS[k % len(COLOURS)]
         coords = [at(x, y) for x, y in sorted(line)]
@@ -149,7 +158,8 @@ def _panel(draw: ImageDraw.ImageDraw, font: Any, box: tuple[int, int, int, int],
         for cx, cy in coords:
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
         if len(lines) > 1:
-            draw.text((left + 4 + 80 * k, top + 2), label, fill=colour, font=font)
+            draw.text((legend_x, top + 2), label, fill=colour, font=font)
+            legend_x += draw.textlength(label, font=font) + 12
 
 
 def read_json(path: str) -> Optional[Any]:
