@@ -183,7 +183,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(question, system, chosen, rejected, strategy, chosen_cut, rejected_cut))
+            out_rows.append(pair_row(question, system, chosen, rejected, strategy, chosen_cut, rejected_cut))
             counter["kept"] += 1
             by_system[system] += 1
             identity_lines.append((row.get("lang"), chosen, chosen_cut))
@@ -204,7 +204,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(_pair_row(row["prompt"], system, chosen, rejected, "anchor",
+            out_rows.append(pair_row(row["prompt"], system, chosen, rejected, "anchor",
                                       rejected_unfinished=rejected_cut))
             counter["kept (anchor)"] += 1
             by_system[system] += 1
@@ -253,7 +253,7 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
     return None
 
 
-def _pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
+def pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
               chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
     """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains
     without an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen

@@ -24,26 +24,22 @@ With LoRA, each round's export merges its adapters, and the next round trains fr
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from typing import Any, Literal, Optional, Sequence, Union
-
-import yaml
 
 from ..atomic import atomic_open
 from ..data.reading import read_prompt_rows
 from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .build import SystemPromptDeck, _pair_row
-from .rounds import fit_metrics, read_json, write_record
+from .build import SystemPromptDeck, pair_row
+from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
+from .rounds import read_json, write_record
 from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
 
 
@@ -85,7 +81,7 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
         seed: seed of the prompt order, the system-prompt draws and the samples (``seed + round``).
         dtype: weights dtype for sampling and evaluation.
     """
-    fit_config = _fit_sections(fit)
+    fit_config = fit_sections(fit)
     initial = fit_config["model"]["model_name_or_path"]
     trust = bool(fit_config["model"].get("trust_remote_code", False))
     if rounds < 1 or num_samples < 2:
@@ -118,15 +114,15 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             policy = initial if r == 1 else os.path.join(output_dir, f"round_{r - 1}", "hf_model")
             ref = initial if reference == "initial" else policy
             os.makedirs(round_dir, exist_ok=True)
-            fit_path = _write_fit_config(fit_config, round_dir, policy, ref)
+            fit_path = write_fit_config(fit_config, round_dir, policy, ref)
             if r == 1 and not os.path.exists(os.path.join(round_dir, "fit_done.json")):
-                _check_fit_config(fit_path)  # a bad fit section fails now, not after the first sampling
+                check_fit_config(fit_path)  # a bad fit section fails now, not after the first sampling
             picked = [rows[order[(start + k) % len(rows)]] for start in [(r - 1) * per_round]
                       for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
             counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished)
-            metrics = _fit(round_dir, fit_path, r)
+            metrics = run_fit(round_dir, fit_path, r)
             export = os.path.join(round_dir, "hf_model")
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
                       "prompts": len(picked), "pairs": counts["kept"],
@@ -149,21 +145,6 @@ SETTINGS = ("fit", "prompts_path", "reference", "prompts_per_round", "num_sample
             "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
 
 
-def _fit_sections(fit: Union[str, dict]) -> dict[str, Any]:
-    if isinstance(fit, str):
-        with open(fit, encoding="utf-8") as f:
-            fit = yaml.safe_load(f) or {}
-    config = copy.deepcopy(dict(fit))
-    model = config.get("model") or {}
-    if not model.get("model_name_or_path"):
-        raise ValueError("fit: model.model_name_or_path is required: the initial policy")
-    if (config.get("data") or {}).get("train_path"):
-        raise ValueError("fit: data.train_path is set, but iterate trains each round on its own pairs; remove it")
-    if ((model.get("lora") or {}).get("lora_export") or "merged") != "merged":
-        raise ValueError("fit: model.lora.lora_export must be 'merged': the next round samples from the export")
-    return config
-
-
 def _claim(output_dir: str, settings: dict[str, Any]) -> None:
     """Record the settings in ``output_dir``; refuse a directory that holds a run with other settings."""
     os.makedirs(output_dir, exist_ok=True)
@@ -176,58 +157,6 @@ def _claim(output_dir: str, settings: dict[str, Any]) -> None:
                          "--output_dir or remove it")
     with atomic_open(path, encoding="utf-8") as f:
         json.dump(settings, f, indent=2, ensure_ascii=False)
-
-
-def _write_fit_config(fit_config: dict[str, Any], round_dir: str, policy: str, ref: str) -> str:
-    config = copy.deepcopy(fit_config)
-    model = config.setdefault("model", {})
-    model["model_name_or_path"] = policy
-    model["reference"] = {**(model.get("reference") or {}), "model_name_or_path": ref}
-    config.setdefault("data", {})
-    config["data"] = {**(config["data"] or {}), "train_path": os.path.join(round_dir, "pairs.jsonl")}
-    trainer = config["trainer"] = dict(config.get("trainer") or {})
-    trainer["default_root_dir"] = round_dir
-    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                         "init_args": {"save_dir": round_dir, "name": "", "version": ""}}
-    config["checkpoint"] = {**(config.get("checkpoint") or {}), "dirpath": os.path.join(round_dir, "checkpoints")}
-    config["export"] = {**(config.get("export") or {}), "dirpath": os.path.join(round_dir, "hf_model"),
-                        "enabled": True}
-    path = os.path.join(round_dir, "fit.yaml")
-    with atomic_open(path, encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
-    return path
-
-
-def _fit_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dpo_lightning", "fit", *args]
-
-
-def _check_fit_config(fit_path: str) -> None:
-    proc = subprocess.run(_fit_command("--config", fit_path, "--print_config"), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ValueError(f"the fit sections do not parse ({fit_path}):\n{proc.stderr.strip()[-2000:]}")
-
-
-def _fit(round_dir: str, fit_path: str, r: int) -> dict[str, float]:
-    """Train the round with the ``fit`` command (a process of its own: DDP launches as it does from the shell),
-    resuming from the round's last checkpoint when one exists; returns its DPO metrics."""
-    done = read_json(os.path.join(round_dir, "fit_done.json"))
-    if done is not None:
-        return done
-    last = os.path.join(round_dir, "checkpoints", "last.ckpt")
-    resume = ["--ckpt_path", last] if os.path.exists(last) else []
-    saved = os.path.join(round_dir, "config.yaml")  # Lightning's copy of fit.yaml; it refuses to overwrite one
-    if os.path.exists(saved):
-        os.remove(saved)
-    print(f"[dpo_lightning] round {r}: fit" + (f", resuming from {last}" if resume else ""), flush=True)
-    code = subprocess.call(_fit_command("--config", fit_path, *resume))
-    if code != 0:
-        raise RuntimeError(f"round {r}: fit exited with code {code} ({fit_path}); run the same iterate command "
-                           "again to resume")
-    metrics = fit_metrics(round_dir)
-    with atomic_open(os.path.join(round_dir, "fit_done.json"), encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-    return metrics
 
 
 def _load(path: str, dtype: str, trust: bool) -> tuple[Any, Any]:
@@ -277,7 +206,7 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
             counts[why or "dropped: empty model answer"] += 1
             continue
         chosen, rejected = pair
-        out.append(_pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
+        out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
                              mark_unfinished and not chosen.answer.finished,
                              mark_unfinished and not rejected.answer.finished))
         counts["kept"] += 1

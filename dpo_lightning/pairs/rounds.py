@@ -19,32 +19,6 @@ from PIL import Image, ImageDraw, ImageFont  # a tensorboard dependency
 
 from ..atomic import atomic_open
 
-# fit scalars kept in the record: TRL's DPO metric names and the probes
-FIT_TAGS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/rewards/chosen",
-            "train/rewards/rejected", "train/logps/chosen", "train/logps/rejected", "val/loss",
-            "val/rewards/accuracies", "val/rewards/margins")
-FIT_PREFIXES = ("val/probes/",)
-
-
-def fit_metrics(log_dir: str) -> dict[str, float]:
-    """The round's DPO metrics and probe figures from its TensorBoard log: train metrics averaged over the steps of
-    the last epoch (Lightning logs ``epoch`` beside each step), validation metrics and probes at their last value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
-    epochs = {e.step: e.value for e in acc.Scalars("epoch")} if "epoch" in tags else {}
-    last_epoch = max(epochs.values(), default=None)
-    out: dict[str, float] = {}
-    for tag in sorted(tags):
-        if tag.startswith("train/") and tag in FIT_TAGS:
-            values = [e.value for e in acc.Scalars(tag) if epochs.get(e.step, last_epoch) == last_epoch]
-            out[tag] = float(sum(values) / len(values)) if values else math.nan
-        elif tag in FIT_TAGS or tag.startswith(FIT_PREFIXES):
-            out[tag] = float(acc.Scalars(tag)[-1].value)
-    return out
-
 
 def round_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The figures of one round record, by TensorBoard tag."""
