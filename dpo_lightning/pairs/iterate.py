@@ -117,8 +117,8 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             fit_path = write_fit_config(fit_config, round_dir, policy, ref)
             if r == 1 and not os.path.exists(os.path.join(round_dir, "fit_done.json")):
                 check_fit_config(fit_path)  # a bad fit section fails now, not after the first sampling
-            picked = [rows[order[(start + k) % len(rows)]] for start in [(r - 1) * per_round]
-                      for k in range(min(per_round, len(rows)))]
+            start = (r - 1) * per_round  # the next prompts of the seeded order, wrapping around
+            picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
             counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished)
@@ -211,8 +211,8 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
                              mark_unfinished and not rejected.answer.finished))
         counts["kept"] += 1
     if not out:
-        raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}); the samples all scored the same: "
-                           "raise num_samples or temperature, or use a reward that tells the answers apart")
+        raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}): raise num_samples or temperature, "
+                           "lower min_reward_gap, or use a reward that tells the answers apart")
     with atomic_open(os.path.join(round_dir, "pairs.jsonl"), encoding="utf-8") as f:
         for row in out:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

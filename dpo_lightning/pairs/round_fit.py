@@ -66,8 +66,7 @@ def write_fit_config(fit_config: dict[str, Any], round_dir: str, policy: str, re
     model = config.setdefault("model", {})
     model["model_name_or_path"] = policy
     model["reference"] = {**(model.get("reference") or {}), "model_name_or_path": ref}
-    config.setdefault("data", {})
-    config["data"] = {**(config["data"] or {}), "train_path": os.path.join(round_dir, "pairs.jsonl")}
+    config["data"] = {**(config.get("data") or {}), "train_path": os.path.join(round_dir, "pairs.jsonl")}
     trainer = config["trainer"] = dict(config.get("trainer") or {})
     trainer["default_root_dir"] = round_dir
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -107,8 +106,9 @@ def run_fit(round_dir: str, fit_path: str, r: int) -> dict[str, float]:
     print(f"[dpo_lightning] round {r}: fit" + (f", resuming from {last}" if resume else ""), flush=True)
     code = subprocess.call(fit_command("--config", fit_path, *resume))
     if code != 0:
-        raise RuntimeError(f"round {r}: fit exited with code {code} ({fit_path}); run the same iterate command "
-                           "again to resume")
+        raise RuntimeError(f"round {r}: fit exited with code {code} ({fit_path}); its output above says why. A fit "
+                           "that was killed or crashed resumes from its last checkpoint when the same iterate "
+                           "command runs again")
     metrics = fit_metrics(round_dir)
     with atomic_open(os.path.join(round_dir, "fit_done.json"), encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
