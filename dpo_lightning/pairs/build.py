@@ -159,7 +159,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                                    num_return_sequences=num_samples if sampled else 1, do_sample=sampled,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    progress=f"answering {os.path.basename(path)}")
-        scored = scorer.score([(where, row) for where, row, _ in items], answers) if sampled else answers
+        scored = scorer.score([(where, row) for where, row, _ in items], answers) if sampled else [None] * len(items)
         counter: Counter = Counter()
         by_system: Counter = Counter()  # kept pairs per system message
         out_rows = []
@@ -205,7 +205,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 counter[drop] += 1
                 continue
             out_rows.append(pair_row(row["prompt"], system, chosen, rejected, "anchor",
-                                      rejected_unfinished=rejected_cut))
+                                     rejected_unfinished=rejected_cut))
             counter["kept (anchor)"] += 1
             by_system[system] += 1
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
@@ -254,7 +254,7 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
 
 
 def pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
-              chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
+             chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
     """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains
     without an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen
     does not teach it."""

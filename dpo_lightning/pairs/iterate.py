@@ -207,8 +207,8 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
             continue
         chosen, rejected = pair
         out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
-                             mark_unfinished and not chosen.answer.finished,
-                             mark_unfinished and not rejected.answer.finished))
+                            mark_unfinished and not chosen.answer.finished,
+                            mark_unfinished and not rejected.answer.finished))
         counts["kept"] += 1
     if not out:
         raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}): raise num_samples or temperature, "

@@ -105,7 +105,7 @@ class PythonCheck(VerifiableReward):
 
     def __init__(self, function: str, field: Optional[str] = None) -> None:
         self.function: Callable[[str, dict[str, Any]], Any] = import_attribute(function, "check function")
-        self.field, self.name = field, function
+        self.field = field
 
     def check(self, answer: str, row: dict[str, Any]) -> float:
         return float(self.function(answer, row))
