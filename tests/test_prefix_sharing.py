@@ -11,7 +11,7 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, shared_layout, shared_prefix_logps
 
-from conftest import DEVICES, dpo_module, fit_tiny
+from conftest import DEVICES, LONG_AND_SHORT, dpo_module, fit_tiny, tiny_architecture, tiny_of_type
 
 
 def test_worked_example_layout():
@@ -102,32 +102,6 @@ def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir,
                         if k.startswith(("val/", "train/"))})
     assert metrics[0].keys() == metrics[1].keys() and "val/rewards/margins" in metrics[0]
     assert metrics[1] == pytest.approx(metrics[0], abs=1e-5)
-
-
-def tiny_architecture(name: str, window: int):
-    """A two-layer random model of another family, in fp64, with a sliding window of ``window`` tokens where the
-    family has one: the window is what the custom mask must reproduce."""
-    import transformers as T
-
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, attn_implementation="sdpa")
-    config, model = {
-        "qwen2": (T.Qwen2Config(**common), T.Qwen2ForCausalLM),  # Qwen2.5's architecture: no window
-        "qwen2_mixed": (T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=1),
-                        T.Qwen2ForCausalLM),  # layer 0 full, layer 1 sliding
-        "mistral": (T.MistralConfig(**common, sliding_window=window), T.MistralForCausalLM),  # every layer slides
-        "gemma3": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
-                                      layer_types=["sliding_attention"] * 2), T.Gemma3ForCausalLM),
-        "gemma3_mixed": (T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
-                                            layer_types=["sliding_attention", "full_attention"]), T.Gemma3ForCausalLM),
-    }[name]
-    torch.manual_seed(0)
-    return model(config).double()
-
-
-LONG_AND_SHORT = [{"prompt_ids": [5, 6, 7, 8, 9, 10], "chosen_ids": [11, 12, 13, 14, 15, 16, 17],
-                   "rejected_ids": [21, 22]},
-                  {"prompt_ids": [5, 6, 7], "chosen_ids": [31], "rejected_ids": [33, 34, 35, 36, 37, 38, 39, 40]}]
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -224,28 +198,6 @@ def test_models_whose_logits_are_not_the_head_of_the_hidden_states_take_their_ow
             expected = sequence_logps(model(input_ids=inputs[0], attention_mask=inputs[1]).logits, inputs[0], inputs[2])
             assert plain_head(model) == plain
             assert torch.allclose(response_logps(model, *inputs).logps, expected, atol=1e-8)
-
-
-def tiny_of_type(model_type: str):
-    """A tiny random model of any registered type: its default config shrunk where it has the attribute."""
-    from transformers import CONFIG_MAPPING
-
-    config = CONFIG_MAPPING[model_type]()
-    for key, value in dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                           n_embd=32, n_layer=2, n_head=4, n_positions=128, n_ctx=128, rotary_dim=4, ffn_dim=64,
-                           word_embed_proj_dim=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
-                           moe_intermediate_size=32, n_routed_experts=4, shared_expert_intermediate_size=32).items():
-        if hasattr(config, key):
-            try:
-                setattr(config, key, value)
-            except (AttributeError, ValueError, TypeError):  # a derived property
-                pass
-    config.pad_token_id = 0
-    torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config).float().eval()  # fp32: MoE kernels take no fp64
 
 
 @pytest.mark.parametrize("model_type", sorted(VERIFIED_MODEL_TYPES))

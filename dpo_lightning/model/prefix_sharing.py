@@ -12,6 +12,9 @@ sliding), the backbone gets one mask per kind of layer, as ``generate`` hands it
 mapping runs batches with a row longer than the window in the plain layout. Models with layers that are not
 attention (convolutions, state spaces, linear attention) cannot share at all.
 
+The rows are built in ``model/packing.py``, which can also pack several pairs into one row (``packing``): the same
+checks and masks apply, and the log-probs are the same.
+
 Worked example, prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0, r1]``::
 
     input_ids     p0 p1 c0 r0 r1
@@ -30,19 +33,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
+from .packing import SharedLayout, row_layout
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-class SharedLayout(NamedTuple):
-    input_ids: Tensor  # (B, L) prompt, chosen, rejected, right-padded
-    position_ids: Tensor  # (B, L) rejected tokens continue from the prompt's end
-    mask: Tensor  # (B, 1, L, L) bool, True where query row may attend key column
-    rows: Tensor  # (N,) scored positions: row ...
-    cols: Tensor  # (N,) ... and column whose hidden state predicts ...
-    targets: Tensor  # (N,) ... this token
-    out_index: Tensor  # (N,) response it belongs to: pair i's chosen is i, its rejected B + i
-    tokens: Tensor  # (2B,) response lengths, chosen then rejected
 
 
 class AttentionPattern(NamedTuple):
@@ -107,24 +100,28 @@ def takes_mask_mapping(model: nn.Module) -> bool:
 
 
 def choose_layout(models: Sequence[nn.Module], prefix_sharing: bool, blocker: Optional[str] = None,
-                  explain: bool = False) -> Callable[..., ResponseLogps]:
+                  explain: bool = False, packing: bool = False,
+                  row_tokens: Optional[int] = None) -> Callable[..., ResponseLogps]:
     """The log-prob function every model of ``models`` runs a batch with: :func:`shared_prefix_logps` when
-    ``prefix_sharing`` is asked for and neither a model (:func:`sharing_blocker`) nor ``blocker`` stands in the
-    way, else :func:`~dpo_lightning.model.logprobs.response_logps`. ``explain`` says why on global rank 0. For
-    models whose layers attend differently, whether they take a mask mapping is tried here, once, not every step."""
+    ``prefix_sharing`` or ``packing`` is asked for and neither a model (:func:`sharing_blocker`) nor ``blocker``
+    stands in the way, else :func:`~dpo_lightning.model.logprobs.response_logps`. ``explain`` says why on global
+    rank 0. For models whose layers attend differently, whether they take a mask mapping is tried here, once, not
+    every step."""
     blocker = next((b for b in map(sharing_blocker, models) if b), None) or blocker
-    if prefix_sharing and blocker and explain:
-        rank_zero_info(f"[dpo_lightning] prefix sharing off: {blocker}")
-    if not prefix_sharing or blocker:
+    wanted = "packing" if packing else "prefix sharing"
+    if (prefix_sharing or packing) and blocker and explain:
+        rank_zero_info(f"[dpo_lightning] {wanted} off: {blocker}")
+    if not (prefix_sharing or packing) or blocker:
         return response_logps
+    packed = {"packing": True, "row_tokens": row_tokens} if packing else {}
     if not attention_pattern(models[0].config).mixed:
-        return shared_prefix_logps
+        return functools.partial(shared_prefix_logps, **packed) if packed else shared_prefix_logps
     mask_mapping = all(takes_mask_mapping(model) for model in models)
     if explain and not mask_mapping:
         rank_zero_info("[dpo_lightning] prefix sharing: this model's layers attend differently (full, and sliding "
                        f"over {attention_pattern(models[0].config).window} tokens); batches with a longer row run in "
                        "the plain layout")
-    return functools.partial(shared_prefix_logps, mask_mapping=mask_mapping)
+    return functools.partial(shared_prefix_logps, mask_mapping=mask_mapping, **packed)
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -145,53 +142,26 @@ def attention_pattern(config) -> AttentionPattern:
 
 
 def shared_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_token_id: int = 0) -> SharedLayout:
-    """Rebuild a plain :class:`~dpo_lightning.data.collate.PreferenceBatch` as one row per pair.
+    """Rebuild a plain :class:`~dpo_lightning.data.collate.PreferenceBatch` as one row per pair
+    (:func:`~dpo_lightning.model.packing.row_layout`).
 
     Args:
         input_ids: (2B, T) chosen rows then rejected rows, right-padded; each row is prompt then response.
         attention_mask: (2B, T)
         loss_mask: (2B, T) 1 on response tokens.
     """
-    n_pairs = input_ids.shape[0] // 2
-    lengths = attention_mask.sum(-1).tolist()  # (2B,) prompt + response
-    responses = loss_mask.sum(-1).tolist()  # (2B,)
-    segments = []
-    for i in range(n_pairs):
-        prompt, chosen, rejected = lengths[i] - responses[i], responses[i], responses[n_pairs + i]
-        if prompt == 0 or lengths[n_pairs + i] - rejected != prompt or not torch.equal(input_ids[i, :prompt],
-                                                                        input_ids[n_pairs + i, :prompt]):
-            raise ValueError(f"prefix sharing: pair {i} of the batch has different prompts in its chosen and rejected "
-                             "rows; turn model.prefix_sharing off for this data")
-        segments.append((prompt, chosen, rejected))
-    width = max(p + c + r for p, c, r in segments)
-    device = input_ids.device
-    ids = torch.full((n_pairs, width), pad_token_id, dtype=input_ids.dtype, device=device)
-    positions = torch.arange(width, device=device).repeat(n_pairs, 1)
-    mask = torch.ones(width, width, dtype=torch.bool, device=device).tril().repeat(n_pairs, 1, 1, 1)
-    rows, cols, targets, out_index = [], [], [], []
-    for i, (p, c, r) in enumerate(segments):
-        ids[i, :p + c] = input_ids[i, :p + c]
-        ids[i, p + c:p + c + r] = input_ids[n_pairs + i, p:p + r]
-        positions[i, p + c:p + c + r] = torch.arange(p, p + r, device=device)
-        mask[i, 0, p + c:p + c + r, p:p + c] = False  # rejected tokens do not see the chosen ones
-        chosen_cols = list(range(p - 1, p + c - 1))
-        rejected_cols = ([p - 1] + list(range(p + c, p + c + r - 1))) if r else []
-        rows += [i] * (c + r)
-        cols += chosen_cols + rejected_cols
-        targets += list(range(p, p + c + r))  # column of each scored token in ``ids``
-        out_index += [i] * c + [n_pairs + i] * r
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-    targets_t = ids[rows_t, torch.tensor(targets, dtype=torch.long, device=device)]
-    return SharedLayout(ids, positions, mask, rows_t, torch.tensor(cols, dtype=torch.long, device=device), targets_t,
-                        torch.tensor(out_index, dtype=torch.long, device=device), loss_mask[:, 1:].sum(-1))
+    return row_layout(input_ids, attention_mask, loss_mask, pad_token_id=pad_token_id)
 
 
 def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                         chunk_size: int = 1024, token_stats: bool = False, ld_alpha: Optional[float] = None,
-                        mask_mapping: Optional[bool] = None) -> ResponseLogps:
+                        mask_mapping: Optional[bool] = None, packing: bool = False,
+                        row_tokens: Optional[int] = None) -> ResponseLogps:
     """The same :class:`~dpo_lightning.model.logprobs.ResponseLogps` as ``response_logps`` on the plain batch, from one
-    forward over ``B`` shared rows instead of ``2B``. Arguments as ``response_logps``; ``mask_mapping``: whether the
-    model takes a mask per kind of layer (:func:`takes_mask_mapping`), tried when None and needed."""
+    forward over ``B`` shared rows instead of ``2B``, or with ``packing`` over fewer rows holding several pairs each
+    (``model/packing.py``). Arguments as ``response_logps``; ``mask_mapping``: whether the model takes a mask per
+    kind of layer (:func:`takes_mask_mapping`), tried when None and needed; ``row_tokens``: packed rows' length,
+    at least the batch's longest pair (None: that pair's length)."""
     blocker = sharing_blocker(model)
     if blocker:
         raise ValueError(f"model.prefix_sharing: {blocker}; or turn prefix sharing off")
@@ -204,10 +174,10 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
                       "layers attend differently run in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
                               ld_alpha=ld_alpha)
-    layout = shared_layout(input_ids, attention_mask, loss_mask)
+    layout = row_layout(input_ids, attention_mask, loss_mask, packing, row_tokens)
     mask: Union[Tensor, dict[str, Tensor]] = layout.mask
     if bites:  # the window in position space: rejected tokens continue the prompt's positions
-        distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (B, 1, L, L)
+        distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (R, 1, L, L)
         sliding = layout.mask & (distance < pattern.window)
         mask = {"full_attention": layout.mask, "sliding_attention": sliding} if pattern.mixed else sliding
     if implementation == "eager":  # additive float masks: 0 where attending, the dtype's minimum elsewhere

@@ -49,6 +49,12 @@ class DPOModule(LightningModule):
             see the prompt but not the chosen ones: the prompt is encoded once, the log-probs are the same. Used
             with the ``sdpa`` and ``eager`` attention implementations on the model types verified to give the same
             log-probs (``model/prefix_sharing.py``); elsewhere the plain layout runs.
+        packing: also pack several such pairs into one row, with a block-diagonal mask and positions from 0 in each
+            pair, so a batch of pairs of mixed lengths runs in fewer rows (``model/packing.py``); the same log-probs.
+            Where prefix sharing cannot run, neither can packing, and the plain layout runs.
+        packing_row_tokens: tokens per packed row; None: the batch's longest pair, so no row is longer than without
+            packing. Longer rows hold more pairs each; with the dense masks of ``sdpa`` and ``eager`` a row's
+            attention costs the square of its length.
         optimizer: optimizer factory (default AdamW, lr 1e-6).
         scheduler: learning-rate schedule factory (default linear warmup for 10% of the run, then linear decay).
     """
@@ -58,13 +64,16 @@ class DPOModule(LightningModule):
                  compile: CompileSettings = CompileSettings(), dtype: DType = "float32",
                  attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, trust_remote_code: bool = False, logits_chunk_size: int = 1024,
-                 prefix_sharing: bool = True, optimizer: OptimizerCallable = AdamW,
+                 prefix_sharing: bool = True, packing: bool = False, packing_row_tokens: Optional[int] = None,
+                 optimizer: OptimizerCallable = AdamW,
                  scheduler: LRSchedulerCallable = WarmupDecayLR) -> None:
         super().__init__()
         self.loss_settings, self.lora_settings = as_settings("loss", loss), as_settings("lora", lora)
         self.compile_settings = as_settings("compile", compile)
         if self.lora_settings.use_peft:
             lora_module.require_peft()
+        if packing_row_tokens is not None and packing_row_tokens < 1:
+            raise ValueError(f"model.packing_row_tokens must be at least 1, got {packing_row_tokens}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         for section in ("loss", "reference", "lora", "compile"):  # plain containers: weights-only checkpoints
             self.hparams[section] = plain(self.hparams[section])
@@ -100,10 +109,11 @@ class DPOModule(LightningModule):
                                                  settings.lora_dropout, settings.lora_target_modules)
         self.reference.setup(self.policy, trainer, [hp.dtype, hp.attn_implementation, str(getattr(trainer,
                              "precision", None))], {"chunk_size": hp.logits_chunk_size, "ld_alpha": loss.ld_alpha,
-                                                    "prefix_sharing": hp.prefix_sharing})
+                                                    "prefix_sharing": hp.prefix_sharing, "packing": hp.packing,
+                                                    "row_tokens": hp.packing_row_tokens})
         models = [m for m in (self.policy, self.reference.model) if m is not None]
         self.logps_fn = choose_layout(models, hp.prefix_sharing, ROUTER_BLOCKS_SHARING if self.router_aux_coef
-                                      else None, explain=True)
+                                      else None, explain=True, packing=hp.packing, row_tokens=hp.packing_row_tokens)
         if self.compile_settings.torch_compile:
             for model in models:
                 compile_decoder_layers(model, self.compile_settings.torch_compile_backend,
@@ -113,6 +123,11 @@ class DPOModule(LightningModule):
     def share_prefix(self) -> bool:
         """Whether batches run in the prefix-sharing layout (decided in ``configure_model``)."""
         return getattr(self.logps_fn, "func", self.logps_fn) is shared_prefix_logps
+
+    @property
+    def packs(self) -> bool:
+        """Whether batches run packed, several pairs to a row (decided in ``configure_model``)."""
+        return self.share_prefix and bool(getattr(self.logps_fn, "keywords", {}).get("packing"))
 
     # ---------------------------------------------------------------------------------------- the step
     def pair_logps(self, batch: PreferenceBatch) -> tuple[PairLogps, ResponseLogps]:

@@ -71,7 +71,8 @@ class Reference(nn.Module):
             policy: the trainable policy (the adapters-off reference; TR-DPO's target).
             trainer: the Lightning trainer, if any; its data module receives precomputed log-probs.
             settings_key: what else changes the reference's values (dtype, attention, precision), for the cache.
-            logps_kwargs: ``chunk_size``, ``ld_alpha`` and ``prefix_sharing`` of the log-prob pass.
+            logps_kwargs: ``chunk_size``, ``ld_alpha``, ``prefix_sharing``, ``packing`` and ``row_tokens`` of the
+                log-prob pass.
         """
         self._policy = [policy]  # a list: not registered as a submodule
         self._device = trainer.strategy.root_device if trainer is not None else next(policy.parameters()).device

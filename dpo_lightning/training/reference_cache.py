@@ -99,7 +99,8 @@ def load(path: str, n_pairs: int) -> Optional[MemoryMappedTable]:
 def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], AbstractContextManager[nn.Module]],
                reference_path: str, settings: list[Any], batch_size: Optional[int], chunk_size: int,
                prefix_sharing: bool, ld_alpha: Optional[float] = None,
-               splits: Sequence[str] = ("train", "val")) -> None:
+               splits: Sequence[str] = ("train", "val"), packing: bool = False,
+               row_tokens: Optional[int] = None) -> None:
     """Attach reference log-probs to the pairs of ``datamodule``'s ``splits`` (``train``, ``val``; a
     :class:`~dpo_lightning.data.datamodule.PreferenceDataModule`): from the cache when every rank finds every split
     there, else computed now with the reference that ``open_reference()`` yields, which is released afterwards.
@@ -112,6 +113,7 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
         prefix_sharing: run the pass in the prefix-sharing layout when the reference allows it, as the steps do.
         ld_alpha: LD-DPO's weight of tokens past the shorter response (``logprobs.head_logps``); part of the key.
         splits: which of the data module's splits to cover; a split whose pairs all have log-probs is skipped.
+        packing, row_tokens: pack several pairs into a row (``model/packing.py``), as the steps do.
     """
     todo = [(name, datamodule.pairs(name)) for name in splits if datamodule.needs_reference_logps(name)]
     if not todo:
@@ -128,7 +130,8 @@ def precompute(trainer: Any, datamodule: Any, open_reference: Callable[[], Abstr
                        "the reference model is not loaded")
         return
     with open_reference() as reference:
-        logps_fn = functools.partial(choose_layout([reference], prefix_sharing), ld_alpha=ld_alpha)
+        logps_fn = functools.partial(choose_layout([reference], prefix_sharing, packing=packing,
+                                                           row_tokens=row_tokens), ld_alpha=ld_alpha)
         for name, pairs in todo:
             logps = _computed_on_all_ranks(trainer, reference, pairs, datamodule.collator,
                                            batch_size or datamodule.hparams.batch_size, chunk_size,

@@ -6,7 +6,8 @@ Per optimizer step (all micro-batches of gradient accumulation, all ranks), logg
 - ``tokens_per_sec``: the pairs' own tokens per second, each prompt counted once with both responses, no padding:
   the same count whichever layout ran, so it compares layouts and trainers.
 - ``padding_share``: share of the positions the policy ran over that were padding, in the layout that ran
-  (two rows per pair, or one shared row per pair with ``model.prefix_sharing``).
+  (two rows per pair, one shared row per pair with ``model.prefix_sharing``, or packed rows with
+  ``model.packing``).
 - ``step_time``: seconds from the end of the previous optimizer step (or the first batch of the run) to the end
   of this one, data loading included, validation excluded.
 - ``mfu`` (when the device's peak is known): model FLOPs utilisation, the step's model FLOPs over the time
@@ -33,6 +34,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from ..model.packing import place_pairs
+from ..model.packing import positions as packed_positions
+
 SUMMARY_STEPS = 10  # steps at the start and at the end of the run that the closing summary compares
 SLOWDOWN = 1.3  # the end of the run this many times slower than its start draws a warning
 
@@ -48,16 +52,22 @@ def host_cpu() -> Optional[tuple[int, int]]:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
 
 
-def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool) -> Tensor:
-    """``(4,)`` float64 on the batch's device, read without a device sync: ``pairs, tokens, filled, positions`` of
-    a ``(2B, T)`` batch. Its pairs; their own tokens (prompt once, both responses); and of the positions the policy
-    runs over, those holding a token and all of them. Plain layout: ``2B x T`` positions, each prompt filling two
-    rows. Prefix sharing: ``B x L``, one ``[prompt, chosen, rejected]`` row per pair, ``L`` the longest such row."""
+def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool, packed: bool = False,
+                  row_tokens: Optional[int] = None) -> Tensor:
+    """``(4,)`` float64 on the batch's device: ``pairs, tokens, filled, positions`` of a ``(2B, T)`` batch. Its
+    pairs; their own tokens (prompt once, both responses); and of the positions the policy runs over, those holding
+    a token and all of them. Plain layout: ``2B x T`` positions, each prompt filling two rows. Prefix sharing:
+    ``B x L``, one ``[prompt, chosen, rejected]`` row per pair, ``L`` the longest such row. Packed
+    (``model/packing.py``): rows x the fullest row. Read without a device sync, except when packed: the placement
+    needs the lengths on the host, as the packed step itself does."""
     n_pairs = attention_mask.shape[0] // 2
     lengths = attention_mask.sum(-1)  # (2B,) prompt + response
     per_pair = lengths[:n_pairs] + loss_mask[n_pairs:].sum(-1)  # (B,) prompt + chosen + rejected
     tokens = per_pair.sum()
-    if shared:
+    if packed:
+        widths = per_pair.tolist()
+        filled, positions = tokens, torch.full_like(tokens, packed_positions(place_pairs(widths, row_tokens), widths))
+    elif shared:
         filled, positions = tokens, per_pair.max() * n_pairs
     else:
         filled, positions = lengths.sum(), torch.full_like(tokens, attention_mask.numel())
@@ -121,8 +131,9 @@ class ThroughputTelemetry(Callback):
                            batch_idx: int) -> None:
         if not self.enabled:
             return
-        shared = bool(getattr(pl_module, "share_prefix", False))
-        counts = layout_counts(batch["attention_mask"], batch["loss_mask"], shared)
+        shared, packed = bool(getattr(pl_module, "share_prefix", False)), bool(getattr(pl_module, "packs", False))
+        row_tokens = getattr(getattr(pl_module, "hparams", None), "packing_row_tokens", None)
+        counts = layout_counts(batch["attention_mask"], batch["loss_mask"], shared, packed, row_tokens)
         self._pending = counts if self._pending is None else self._pending + counts
         if not self._stepped:  # gradient accumulation: the step is not over
             return
