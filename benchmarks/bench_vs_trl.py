@@ -20,8 +20,8 @@ Each side runs in its own process (clean peak memory). The first optimizer step 
 
 - ``ours``: DPOModule and PreferenceDataModule with the library's defaults (precomputed reference log-probs,
   prefix sharing, length-grouped batches); options after ``+``: ``live`` (reference run each step), ``plain``
-  (no prefix sharing), ``nogroup``, ``gc`` (gradient checkpointing), ``lora`` (r 16, alpha 32, every linear
-  layer), ``compile``.
+  (no prefix sharing), ``nogroup``, ``pack`` (``model.packing``, rows as long as the batch's longest pair), ``gc``
+  (gradient checkpointing), ``lora`` (r 16, alpha 32, every linear layer), ``compile``.
 - ``trl``: DPOTrainer with its defaults (gradient checkpointing on, reference run each step), fp32 weights
   (bf16 autocast on CUDA), no reporting; options ``pre`` (precompute_ref_log_probs, timed separately), ``nogc``,
   ``lora``.
@@ -109,8 +109,8 @@ def run_ours(args) -> dict:
     lora = LoraSettings(use_peft=True, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0) \
         if "lora" in options else LoraSettings()  # every linear layer but the head, as TRL's all-linear
     model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="live" not in options),
-                      prefix_sharing="plain" not in options, lora=lora, gradient_checkpointing="gc" in options,
-                      compile=CompileSettings(torch_compile="compile" in options))
+                      prefix_sharing="plain" not in options, packing="pack" in options, lora=lora,
+                      gradient_checkpointing="gc" in options, compile=CompileSettings(torch_compile="compile" in options))
     telemetry = ThroughputTelemetry()
     trainer = Trainer(accelerator="auto", devices=1, max_steps=args.steps + 1,
                       accumulate_grad_batches=args.accumulation, logger=False, enable_checkpointing=False,

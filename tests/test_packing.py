@@ -16,6 +16,7 @@ from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, choose_layo
 from dpo_lightning.training.throughput import layout_counts
 
 from conftest import (
+    DEVICES,
     LONG_AND_SHORT,
     ROOT,
     TB_METRICS,
@@ -74,23 +75,26 @@ def test_first_fit_places_the_longest_pairs_first_and_keeps_the_layout_with_fewe
     assert place_pairs([5, 9], 4) == [(1, 0), (0, 0)]  # a row is never shorter than the longest pair
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("plain_head", [True, False])
 @pytest.mark.parametrize("row_tokens", [None, 80, 1000])
 def test_packed_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_jsonl, implementation, plain_head,
-                                                         row_tokens):
+                                                         row_tokens, device):
     batch = mixed_batch(tiny_model_dir, pairs_jsonl)
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    inputs = tuple(batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
     rows = row_layout(*inputs, packing=True, row_tokens=row_tokens).input_ids.shape[0]
     assert rows < batch["input_ids"].shape[0] // 2 or row_tokens is None  # several pairs share a row
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).double()
+    model.to(device)
     if not plain_head:  # as a soft-capping model: both paths go through the full logits
         model.config.final_logit_softcapping = 30.0
     results = []
     for fn in (response_logps, choose_layout([model], False, packing=True, row_tokens=row_tokens)):
         model.zero_grad()
         out = fn(model, *inputs, chunk_size=7, token_stats=True, ld_alpha=0.3)
-        (out.logps * torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype)).sum().backward()
+        weights = torch.linspace(1, 2, out.logps.shape[0], dtype=out.logps.dtype, device=device)
+        (out.logps * weights).sum().backward()
         results.append((out, [p.grad.clone() for p in model.parameters()]))
     (plain, plain_grads), (packed, packed_grads) = results
     assert torch.allclose(packed.logps, plain.logps, atol=1e-6)
