@@ -44,7 +44,8 @@ def test_bench_vs_trl_runs_every_side(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_vs_trl.py"), "--preset", "real",
                            "--model", "random:tiny", "--pairs", "generated:16:20-30:30-40", "--steps", "1",
-                           "--sides", "ours,ours+nogroup+pack,trl,ceiling", "--workdir", str(tmp_path), "--json", str(out)],
+                           "--sides", "ours,ours+nogroup+pack,trl,ceiling", "--workdir", str(tmp_path),
+                           "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ours/trl: speed" in proc.stdout and "ours/ceiling: speed" in proc.stdout

@@ -23,6 +23,7 @@ from .formats import BadRowPolicy, PreferenceDataError
 from .reading import fingerprint_source, hub_fingerprint
 from .sampling import EpochShuffleSampler, ResumableDataLoader, padding_fraction
 from .table import COLUMNS, PairTable, reference_table
+from .token_batches import TokenBudgetBatchSampler
 
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
 CACHE_VERSION = "v4"
@@ -75,6 +76,9 @@ class PreferenceDataModule(LightningDataModule):
         max_length: maximum prompt + response tokens (see the truncation policy in ``tokenize.py``).
         max_prompt_length: maximum prompt tokens; longer prompts keep their end.
         batch_size: pairs per device per step (each step runs ``2 * batch_size`` sequences).
+        max_tokens: cut training batches by this budget of pair tokens (prompt once, both responses) per device
+            instead of ``batch_size`` pairs: many short pairs or few long ones a step (``data/token_batches.py``);
+            pairs with ``model.packing`` into rows. Validation batches still hold ``val_batch_size`` pairs.
         val_batch_size: pairs per validation step; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: pad sequence length to a multiple of this (8 helps tensor cores).
@@ -100,7 +104,8 @@ class PreferenceDataModule(LightningDataModule):
     def __init__(self, train_path: str, tokenizer_name_or_path: str, val_path: Optional[str] = None,
                  val_fraction: float = 0.0, split_seed: int = 42, shuffle_seed: int = 42, train_split: str = "train",
                  val_split: str = "test", max_length: Optional[int] = 1024, max_prompt_length: Optional[int] = 512,
-                 batch_size: int = 2, val_batch_size: Optional[int] = None, num_workers: int = 0,
+                 batch_size: int = 2, val_batch_size: Optional[int] = None, max_tokens: Optional[int] = None,
+                 num_workers: int = 0,
                  pad_to_multiple_of: Optional[int] = None, cache_dir: Optional[str] = "~/.cache/dpo_lightning",
                  group_by_length: bool = True, length_group_batches: int = 50, on_bad_row: BadRowPolicy = "error",
                  trust_remote_code: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None,
@@ -113,6 +118,8 @@ class PreferenceDataModule(LightningDataModule):
                              f"({max_length}) to leave room for the response")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"data.max_tokens must be at least 1, got {max_tokens}")
         if num_proc < 1:
             raise ValueError(f"data.num_proc must be at least 1, got {num_proc}")
         if length_group_batches < 1:
@@ -248,16 +255,24 @@ class PreferenceDataModule(LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         hp, pairs = self.hparams, self.train_pairs
         prompt, chosen, rejected = (pairs.lengths(c) for c in COLUMNS)
-        lengths = pairs.padded_lengths() if hp.group_by_length else None
-        self.train_sampler = EpochShuffleSampler(pairs, hp.shuffle_seed, world, rank, lengths, hp.batch_size,
-                                                 hp.length_group_batches)
-        order = self.train_sampler.global_order(0)[rank::world]
-        plain, shared = (padding_fraction(order, prompt, chosen, rejected, hp.batch_size, s) for s in (False, True))
+        if hp.max_tokens:
+            self.train_sampler = TokenBudgetBatchSampler(prompt + chosen + rejected, hp.max_tokens, hp.shuffle_seed,
+                                                         world, rank, hp.length_group_batches if hp.group_by_length
+                                                         else None)
+            batches = self.train_sampler.global_batches(0)[rank::world]
+            order, sizes = np.concatenate(batches) if batches else np.zeros(0, np.int64), [len(b) for b in batches]
+            loader_batching = {"batch_size": None}  # the sampler yields whole batches
+        else:
+            lengths = pairs.padded_lengths() if hp.group_by_length else None
+            self.train_sampler = EpochShuffleSampler(pairs, hp.shuffle_seed, world, rank, lengths, hp.batch_size,
+                                                     hp.length_group_batches)
+            order, sizes = self.train_sampler.global_order(0)[rank::world], hp.batch_size
+            loader_batching = {"batch_size": hp.batch_size}
+        plain, shared = (padding_fraction(order, prompt, chosen, rejected, sizes, s) for s in (False, True))
         rank_zero_info(f"[dpo_lightning] train batches: {plain:.1%} of token slots are padding, {shared:.1%} with "
                        f"prefix sharing (data.group_by_length: {str(hp.group_by_length).lower()})")
-        return ResumableDataLoader(self.train_pairs, batch_size=self.hparams.batch_size, sampler=self.train_sampler,
-                                   collate_fn=self.collator, num_workers=self.hparams.num_workers,
-                                   start_epoch=self._start_epoch)
+        return ResumableDataLoader(self.train_pairs, sampler=self.train_sampler, collate_fn=self.collator,
+                                   num_workers=hp.num_workers, start_epoch=self._start_epoch, **loader_batching)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         if not self.val_pairs:

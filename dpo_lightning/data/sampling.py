@@ -7,7 +7,7 @@ run killed mid-epoch continues with exactly the batches it had not seen, in the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence, Sized
+from typing import Any, Callable, Iterator, Optional, Sequence, Sized, Union
 
 import numpy as np
 import torch
@@ -67,15 +67,19 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 def padding_fraction(order: Sequence[int], prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
-                     batch_size: int, shared: bool = False) -> float:
-    """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs and each
-    batch's ``2 * batch_size`` rows are padded to its longest (``PreferenceCollator``), or with ``shared`` its
-    ``batch_size`` rows ``[prompt, chosen, rejected]`` (``model/prefix_sharing.py``)."""
+                     batch_size: Union[int, Sequence[int]], shared: bool = False) -> float:
+    """Share of the token slots that are padding when ``order`` is cut into batches of ``batch_size`` pairs (or of
+    the given sizes, one per batch) and each batch's ``2 * size`` rows are padded to its longest
+    (``PreferenceCollator``), or with ``shared`` its ``size`` rows ``[prompt, chosen, rejected]``
+    (``model/prefix_sharing.py``)."""
     order = np.asarray(order, dtype=np.int64)
     if len(order) == 0:
         return 0.0
     p, c, r = (np.asarray(x, dtype=np.int64)[order] for x in (prompt, chosen, rejected))
-    starts = np.arange(0, len(order), batch_size)
+    if isinstance(batch_size, (int, np.integer)):
+        starts = np.arange(0, len(order), batch_size)
+    else:
+        starts = np.cumsum([0, *batch_size[:-1]])
     sizes = np.diff(np.append(starts, len(order)))
     if shared:
         real = int((p + c + r).sum())

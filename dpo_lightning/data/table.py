@@ -43,7 +43,9 @@ class PairTable(Sequence):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: Union[int, slice]) -> Any:
+    def __getitem__(self, index: Union[int, slice, list[int]]) -> Any:
+        if isinstance(index, list):  # a whole batch (``data/token_batches.py``)
+            return self.__getitems__(index)
         if isinstance(index, slice):
             positions = np.arange(len(self.rows))[index]
             reference = self.reference.fast_gather(positions) if self.reference is not None else None
