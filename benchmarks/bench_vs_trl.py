@@ -20,8 +20,10 @@ Each side runs in its own process (clean peak memory). The first optimizer step 
 
 - ``ours``: DPOModule and PreferenceDataModule with the library's defaults (precomputed reference log-probs,
   prefix sharing, length-grouped batches); options after ``+``: ``live`` (reference run each step), ``plain``
-  (no prefix sharing), ``nogroup``, ``pack`` (``model.packing``, rows as long as the batch's longest pair), ``gc``
-  (gradient checkpointing), ``lora`` (r 16, alpha 32, every linear layer), ``compile``.
+  (no prefix sharing), ``nogroup``, ``pack`` (``model.packing``, rows as long as the batch's longest pair),
+  ``budget`` (``data.max_tokens``: batches by a token budget of the batch size times the mean pair's tokens, so the
+  same pairs per step on average), ``gc`` (gradient checkpointing), ``lora`` (r 16, alpha 32, every linear layer),
+  ``compile``.
 - ``trl``: DPOTrainer with its defaults (gradient checkpointing on, reference run each step), fp32 weights
   (bf16 autocast on CUDA), no reporting; options ``pre`` (precompute_ref_log_probs, timed separately), ``nogc``,
   ``lora``.
@@ -106,6 +108,10 @@ def run_ours(args) -> dict:
             started.append(time.perf_counter())  # after configure_model: the precompute pass is done
 
     dm = data_module(args, group_by_length="nogroup" not in options)
+    if "budget" in options:
+        own = sum(dm.train_pairs.lengths(c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        dm = data_module(args, group_by_length="nogroup" not in options,
+                         max_tokens=int(round(args.batch_size * own.mean())))
     lora = LoraSettings(use_peft=True, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0) \
         if "lora" in options else LoraSettings()  # every linear layer but the head, as TRL's all-linear
     model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="live" not in options),

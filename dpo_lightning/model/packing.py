@@ -62,7 +62,7 @@ def pair_segments(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) 
         if prompt == 0 or lengths[n_pairs + i] - rejected != prompt or not torch.equal(input_ids[i, :prompt],
                                                                         input_ids[n_pairs + i, :prompt]):
             raise ValueError(f"prefix sharing: pair {i} of the batch has different prompts in its chosen and rejected "
-                             "rows; turn model.prefix_sharing off for this data")
+                             "rows; turn model.prefix_sharing and model.packing off for this data")
         segments.append(Segment(prompt, chosen, rejected))
     return segments
 

@@ -52,9 +52,10 @@ class DPOModule(LightningModule):
         packing: also pack several such pairs into one row, with a block-diagonal mask and positions from 0 in each
             pair, so a batch of pairs of mixed lengths runs in fewer rows (``model/packing.py``); the same log-probs.
             Where prefix sharing cannot run, neither can packing, and the plain layout runs.
-        packing_row_tokens: tokens per packed row; None: the batch's longest pair, so no row is longer than without
-            packing. Longer rows hold more pairs each; with the dense masks of ``sdpa`` and ``eager`` a row's
-            attention costs the square of its length.
+        packing_row_tokens: tokens per packed row, used when it lays a batch out in fewer positions than rows of its
+            longest pair; None: rows of the batch's longest pair, so no row is longer than without packing. Longer
+            rows hold more pairs each; with the dense masks of ``sdpa`` and ``eager`` a row's attention costs the
+            square of its length.
         optimizer: optimizer factory (default AdamW, lr 1e-6).
         scheduler: learning-rate schedule factory (default linear warmup for 10% of the run, then linear decay).
     """
