@@ -1,6 +1,6 @@
 """Training batches cut by a token budget rather than a pair count (``data.max_tokens``).
 
-A batch takes pairs in the epoch's order while their own tokens (prompt once, both responses: the length of the
+A batch takes pairs in a shuffled order while their own tokens (prompt once, both responses: the length of the
 pair's ``[prompt, chosen, rejected]`` row under prefix sharing or packing) stay within the budget; a pair longer
 than the budget is a batch of its own. Short pairs then come many to a batch and long ones few, so each step does
 about the same work. With ``model.packing`` a batch's pairs are packed into rows.

@@ -9,9 +9,8 @@ attends to the row before it (so no attention row is empty) and no real token at
 
 Packing places pairs by first fit in order of decreasing length into rows as long as the batch's longest pair, or
 of ``row_tokens`` when that pads less (:func:`place_pairs`), so a batch of pairs of mixed lengths runs in fewer
-rows. With a dense mask
-(``sdpa``, ``eager``) attention still costs ``width²`` per row; what packing saves is the rows, and with them the
-padding.
+rows. With a dense mask (``sdpa``, ``eager``) attention still costs ``width²`` per row; what packing saves is the
+rows, and with them the padding.
 
 Worked example, pairs ``a`` = prompt ``[p0, p1]``, chosen ``[c0]``, rejected ``[r0]`` and ``b`` = prompt ``[q0]``,
 chosen ``[d0]``, rejected ``[s0]``, packed into one row of 7 positions (two rows of ``a``'s length would take 8)::
