@@ -116,7 +116,8 @@ def run_ours(args) -> dict:
         if "lora" in options else LoraSettings()  # every linear layer but the head, as TRL's all-linear
     model = DPOModule(args.model, reference=ReferenceSettings(precompute_ref_log_probs="live" not in options),
                       prefix_sharing="plain" not in options, packing="pack" in options, lora=lora,
-                      gradient_checkpointing="gc" in options, compile=CompileSettings(torch_compile="compile" in options))
+                      gradient_checkpointing="gc" in options,
+                      compile=CompileSettings(torch_compile="compile" in options))
     telemetry = ThroughputTelemetry()
     trainer = Trainer(accelerator="auto", devices=1, max_steps=args.steps + 1,
                       accumulate_grad_batches=args.accumulation, logger=False, enable_checkpointing=False,
