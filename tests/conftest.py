@@ -175,6 +175,25 @@ def fit_tiny(root, model_dir, data, *extra, **kwargs):
     return cli, Path(root) / "lightning_logs" / "version_0"
 
 
+def assert_resume_equals_straight_run(root, model_dir, data, run, kill_step):
+    """Fits ``run`` straight through under ``root/a``; under ``root/b`` the same fit killed before optimizer step
+    ``kill_step + 1`` (``test_resume.KillAt``) and resumed from its last checkpoint: the exported weights must agree
+    to 1e-6."""
+    from safetensors.torch import load_file
+
+    root = Path(root)
+    fit_tiny(root / "a", model_dir, data, *run)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_tiny(root / "b", model_dir, data, *run, "--trainer.callbacks+=test_resume.KillAt",
+                 f"--trainer.callbacks.step={kill_step}")
+    last = root / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    fit_tiny(root / "b", model_dir, data, *run, f"--ckpt_path={last}")
+    straight = load_file(root / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    resumed = load_file(root / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
 def run_cli(args, cwd, extra_path=None) -> str:
     """``python -m dpo_lightning ARGS`` in a subprocess (``extra_path`` joins PYTHONPATH); fails the test unless it
     exits 0; returns what it printed."""

@@ -20,6 +20,7 @@ from conftest import (
     LONG_AND_SHORT,
     ROOT,
     TB_METRICS,
+    assert_resume_equals_straight_run,
     fit_args,
     fit_tiny,
     run_cli,
@@ -190,18 +191,7 @@ def test_packed_ddp_fit_equals_one_plain_process(tiny_model_dir, pairs_jsonl, tm
 
 
 def test_killed_packed_run_resumes_to_the_same_weights(tiny_model_dir, pairs_jsonl, tmp_path):
-    from safetensors.torch import load_file
-
     run = ["--data.val_fraction=0.25", "--data.batch_size=3", "--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
            "--model.optimizer.lr=1e-2", "--checkpoint.every_n_train_steps=1", "--model.packing=true",
            "--model.packing_row_tokens=200", "--data.group_by_length=false"]
-    fit_tiny(tmp_path / "a", tiny_model_dir, pairs_jsonl, *run)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *run, "--trainer.callbacks+=test_resume.KillAt",
-                 "--trainer.callbacks.step=3")  # mid second epoch: 2 batches an epoch
-    last = tmp_path / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *run, f"--ckpt_path={last}")
-    straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
-    resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    assert_resume_equals_straight_run(tmp_path, tiny_model_dir, pairs_jsonl, run, 3)  # 2 batches an epoch

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dpo_lightning.data.sampling import padding_fraction
 from dpo_lightning.data.token_batches import TokenBudgetBatchSampler, cut_by_budget
 
-from conftest import ROOT, fit_args, fit_tiny, run_cli
+from conftest import ROOT, assert_resume_equals_straight_run, fit_args, fit_tiny, run_cli
 
 TOKENS = np.array([30, 12, 50, 8, 25, 40, 16, 33, 21, 9, 70, 14])
 
@@ -90,16 +90,7 @@ def test_accumulated_token_batches_equal_one_batch_of_all_pairs(tiny_model_dir, 
 def test_killed_token_budget_run_resumes_to_the_same_weights(tiny_model_dir, pairs_jsonl, tmp_path):
     run = ["--data.val_fraction=0.25", "--data.max_tokens=80", "--trainer.max_epochs=2",
            "--trainer.limit_val_batches=1", "--model.optimizer.lr=1e-2", "--checkpoint.every_n_train_steps=1"]
-    fit_tiny(tmp_path / "a", tiny_model_dir, pairs_jsonl, *run)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *run, "--trainer.callbacks+=test_resume.KillAt",
-                 "--trainer.callbacks.step=5")  # in the second epoch
-    last = tmp_path / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *run, f"--ckpt_path={last}")
-    straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
-    resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    assert_resume_equals_straight_run(tmp_path, tiny_model_dir, pairs_jsonl, run, 5)  # in the second epoch
 
 
 def test_ddp_ranks_train_on_disjoint_token_batches(tiny_model_dir, pairs_jsonl, tmp_path):
