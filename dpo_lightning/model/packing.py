@@ -74,7 +74,7 @@ def place_pairs(widths: Sequence[int], row_tokens: Optional[int] = None) -> list
     candidates = [first_fit(widths, longest)]
     if row_tokens and row_tokens > longest:
         candidates.append(first_fit(widths, row_tokens))
-    return min(candidates, key=lambda placement: positions(placement, widths))
+    return min(candidates, key=lambda placement: rows_times_width(placement, widths))
 
 
 def first_fit(widths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
@@ -90,10 +90,16 @@ def first_fit(widths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
     return placement
 
 
-def positions(placement: Sequence[tuple[int, int]], widths: Sequence[int]) -> int:
-    """Positions a placement runs over: its rows times its fullest row."""
+def row_shape(placement: Sequence[tuple[int, int]], widths: Sequence[int]) -> tuple[int, int]:
+    """``(rows, width)`` of a placement: its rows, and its fullest row, which every row is padded to."""
     n_rows = max((row for row, _ in placement), default=-1) + 1
-    return n_rows * max((offset + w for (_, offset), w in zip(placement, widths)), default=0)
+    return n_rows, max((offset + w for (_, offset), w in zip(placement, widths)), default=0)
+
+
+def rows_times_width(placement: Sequence[tuple[int, int]], widths: Sequence[int]) -> int:
+    """Positions a placement runs over, padding included."""
+    n_rows, width = row_shape(placement, widths)
+    return n_rows * width
 
 
 def row_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, packing: bool = False,
@@ -111,8 +117,7 @@ def row_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pac
     n_pairs, device = len(segments), input_ids.device
     placement = (place_pairs([s.width for s in segments], row_tokens) if packing
                  else [(i, 0) for i in range(n_pairs)])
-    n_rows = max(row for row, _ in placement) + 1 if placement else 0
-    width = max((offset + s.width for (_, offset), s in zip(placement, segments)), default=0)
+    n_rows, width = row_shape(placement, [s.width for s in segments])
     ids = torch.full((n_rows, width), pad_token_id, dtype=input_ids.dtype, device=device)
     positions = torch.arange(width, device=device).repeat(n_rows, 1)
     segment = torch.full((n_rows, width), -1, dtype=torch.long, device=device)  # pair index, -1 on padding

@@ -34,8 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..model.packing import place_pairs
-from ..model.packing import positions as packed_positions
+from ..model.packing import place_pairs, rows_times_width
 
 SUMMARY_STEPS = 10  # steps at the start and at the end of the run that the closing summary compares
 SLOWDOWN = 1.3  # the end of the run this many times slower than its start draws a warning
@@ -66,7 +65,7 @@ def layout_counts(attention_mask: Tensor, loss_mask: Tensor, shared: bool, packe
     tokens = per_pair.sum()
     if packed:
         widths = per_pair.tolist()
-        filled, positions = tokens, torch.full_like(tokens, packed_positions(place_pairs(widths, row_tokens), widths))
+        filled, positions = tokens, torch.full_like(tokens, rows_times_width(place_pairs(widths, row_tokens), widths))
     elif shared:
         filled, positions = tokens, per_pair.max() * n_pairs
     else:
