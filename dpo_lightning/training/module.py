@@ -20,7 +20,7 @@ from ..model.logprobs import ResponseLogps, response_logps, router_aux_coef
 from ..model.prefix_sharing import choose_layout, shared_prefix_logps
 from .accumulation import accumulation_weight
 from .checkpoint_io import trim_checkpoint
-from .host_memory import keep_freed_memory
+from .host_memory import ResidentBound, keep_freed_memory
 from .metrics import PreferenceMetrics, step_metrics
 from .optim import AdamW, WarmupDecayLR, clip_gradients, fit_schedules_to_run
 from .reference import Reference
@@ -86,6 +86,7 @@ class DPOModule(LightningModule):
         self.router_aux_coef = 0.0  # loss.router_aux_loss_coef, once configure_model knows the model
         self.strict_loading = False  # checkpoints leave the reference out; it is rebuilt from its path
         self.metrics = PreferenceMetrics(self.loss_settings.names)
+        self.resident_bound: Optional[ResidentBound] = None  # on CPU: keeps the never-trimmed heap bounded
 
     def _load(self, path: str) -> PreTrainedModel:
         hp = self.hparams
@@ -99,6 +100,7 @@ class DPOModule(LightningModule):
         trainer = self._trainer  # None when the module is used on its own
         if trainer is not None and trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()  # each step's activations reuse the last step's pages (host_memory.py)
+            self.resident_bound = ResidentBound(processes=trainer.world_size // max(trainer.num_nodes, 1))
         self.policy = self._load(hp.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         self.router_aux_coef = router_aux_coef(self.policy, loss.router_aux_loss_coef)
@@ -173,6 +175,10 @@ class DPOModule(LightningModule):
     # ------------------------------------------------------------------------------------------- hooks
     def on_train_start(self) -> None:
         fit_schedules_to_run(self.trainer)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.resident_bound is not None:
+            self.resident_bound.check()
 
     def on_train_epoch_start(self) -> None:
         self.metrics.reset("train")
