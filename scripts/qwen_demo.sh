@@ -9,13 +9,15 @@
 #
 #   bash scripts/qwen_demo.sh [MODEL] [EXTRA FIT ARGS...]
 # MODEL: a local folder or hub id (default Qwen/Qwen2.5-0.5B-Instruct). Offline, Qwen2.5-Coder-0.5B-Instruct comes
-# from PyPI wheels: see "What about Qwen?" in docs/identity.md. On a CPU pass e.g. `--model.lora.use_peft true` or
-# `--trainer.max_epochs 1` as extra arguments to shorten the runs (full fine-tuning of 0.5B on 2 cores takes hours).
+# from PyPI wheels: see "What about Qwen?" in docs/identity.md, which has the figures and times. On a 2-core CPU with
+# AVX512-BF16 its steps take about an hour (the shipped fit 26 min, its compare 14 min; full fine-tuning peaks at
+# 17.5 GB of memory). With less memory pass `--model.lora.use_peft true --model.optimizer.lr 2e-4` (not measured).
+# The tutorial's fit has no model to compare when the guard stopped it before any probe pass passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}
 shift || true
-VAL_EVERY=${VAL_EVERY:-32}  # training batches between probe passes of the tutorial run (4 steps of 8)
+VAL_EVERY=${VAL_EVERY:-24}  # training batches between probe passes of the tutorial run (12 steps of 4 x 2)
 EXTRAS=${EXTRAS:-lora} source scripts/setup_env.sh
 precision=32-true
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then precision=bf16-mixed
@@ -26,6 +28,7 @@ start=$SECONDS
   --dtype "$([ "$precision" = bf16-mixed ] && echo bfloat16 || echo float32)"
 echo "[qwen demo] build-pairs: $((SECONDS - start)) s"
 
+base_answers=()  # the second compare reuses the first one's base answers
 run() {  # run NAME FIT-ARGS...: fit, then compare on the reporting questions; the run directory goes to NAME.dir
   local name=$1 begin=$SECONDS
   shift
@@ -41,8 +44,10 @@ run() {  # run NAME FIT-ARGS...: fit, then compare on the reporting questions; t
     trained="$dir/hf_model_good"
   fi
   if [ -d "$trained" ]; then
-    "$PY" -m dpo_lightning compare --run_dir "$dir" --trained "$trained" \
+    "$PY" -m dpo_lightning compare --run_dir "$dir" --trained "$trained" "${base_answers[@]}" \
       --prompts_path data/identity/prompts_report.jsonl --show_answers false --output_path "$dir/compare.json"
+    base_answers=(--base_answers_path "$dir/compare.json")
+    echo "[qwen demo] $name: fit and compare $((SECONDS - begin)) s"
   fi
 }
 

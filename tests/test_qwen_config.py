@@ -70,7 +70,7 @@ def test_qwen_identity_config_fits_and_validates_on_a_tiny_qwen2(tiny_qwen_dir, 
               f"--probes.prompts_path={prompts}", f"--probes.general_path={general}", "--probes.max_new_tokens=5"]
     cli = cli_main(["fit", *common, "--trainer.max_epochs=1"])
     trainer = cli.trainer
-    assert trainer.global_step == 1  # 8 pairs, batch 1, accumulation 8 (the tutorial's effective batch)
+    assert trainer.global_step == 1  # 8 pairs, batch 4, accumulation 2 (the tutorial's effective batch of 8)
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["val/loss"]) and torch.isfinite(metrics["train/loss/sft"])
     assert {"val/probes/name_rate", "val/probes/degenerate_rate", "val/probes/drift"} <= set(metrics)
