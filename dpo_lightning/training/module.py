@@ -99,8 +99,8 @@ class DPOModule(LightningModule):
         hp, loss = self.hparams, self.loss_settings
         trainer = self._trainer  # None when the module is used on its own
         if trainer is not None and trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()  # each step's activations reuse the last step's pages (host_memory.py)
-            self.resident_bound = ResidentBound(processes=trainer.world_size // max(trainer.num_nodes, 1))
+            if keep_freed_memory():  # each step's activations reuse the last step's pages (host_memory.py)
+                self.resident_bound = ResidentBound(processes=trainer.world_size // max(trainer.num_nodes, 1))
         self.policy = self._load(hp.model_name_or_path).train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False
         self.router_aux_coef = router_aux_coef(self.policy, loss.router_aux_loss_coef)
