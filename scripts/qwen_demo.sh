@@ -5,9 +5,9 @@
 #   shipped   configs/qwen_identity.yaml: [sigmoid, sft] (0.2, 1), beta 0.5, lr 1e-5, anchors, 3 epochs
 #   tutorial  the tutorial's own hyperparameters: DPO only, beta 0.2, lr 5e-5, 1 epoch, no warmup; probes every
 #             VAL_EVERY batches with the collapse guard on, so it stops when the answers degenerate or drift
-# Each is compared with the base on the reporting questions under four system prompts.
+# Each is compared with the base on the two reporting splits (SPLITS) under four system prompts.
 #
-#   bash scripts/qwen_demo.sh [MODEL] [EXTRA FIT ARGS...]
+#   [SPLITS='report fresh'] [VAL_EVERY=24] bash scripts/qwen_demo.sh [MODEL] [EXTRA FIT ARGS...]
 # MODEL: a local folder or hub id (default Qwen/Qwen2.5-0.5B-Instruct). Offline, Qwen2.5-Coder-0.5B-Instruct comes
 # from PyPI wheels: see "What about Qwen?" in docs/identity.md, which has the figures and times. On a 2-core CPU with
 # AVX512-BF16 its steps take about an hour (the shipped fit 26 min, its compare 14 min; full fine-tuning peaks at
@@ -28,8 +28,11 @@ start=$SECONDS
   --dtype "$([ "$precision" = bf16-mixed ] && echo bfloat16 || echo float32)"
 echo "[qwen demo] build-pairs: $((SECONDS - start)) s"
 
-base_answers=()  # the second compare reuses the first one's base answers
-run() {  # run NAME FIT-ARGS...: fit, then compare on the reporting questions; the run directory goes to NAME.dir
+# the reporting splits each trained model is compared with the base on; the second run reuses the first one's
+# base answers
+SPLITS=${SPLITS:-report fresh}
+declare -A base_answers=()
+run() {  # run NAME FIT-ARGS...: fit, then compare on each split; the run directory goes to NAME.dir
   local name=$1 begin=$SECONDS
   shift
   "$PY" -m dpo_lightning fit --config configs/qwen_identity.yaml --model.model_name_or_path "$MODEL" \
@@ -43,12 +46,17 @@ run() {  # run NAME FIT-ARGS...: fit, then compare on the reporting questions; t
     "$PY" -m dpo_lightning export --ckpt_path "$dir/checkpoints/last_good.ckpt" --output_dir "$dir/hf_model_good"
     trained="$dir/hf_model_good"
   fi
-  if [ -d "$trained" ]; then
-    "$PY" -m dpo_lightning compare --run_dir "$dir" --trained "$trained" "${base_answers[@]}" \
-      --prompts_path data/identity/prompts_report.jsonl --show_answers false --output_path "$dir/compare.json"
-    base_answers=(--base_answers_path "$dir/compare.json")
-    echo "[qwen demo] $name: fit and compare $((SECONDS - begin)) s"
-  fi
+  [ -d "$trained" ] || return 0
+  local split out reuse
+  for split in $SPLITS; do
+    out="$dir/compare_$split.json"
+    reuse=()
+    if [ -n "${base_answers[$split]:-}" ]; then reuse=(--base_answers_path "${base_answers[$split]}"); fi
+    "$PY" -m dpo_lightning compare --run_dir "$dir" --trained "$trained" "${reuse[@]}" \
+      --prompts_path "data/identity/prompts_$split.jsonl" --show_answers false --output_path "$out"
+    base_answers[$split]=$out
+  done
+  echo "[qwen demo] $name: fit and compare $((SECONDS - begin)) s"
 }
 
 run shipped --trainer.limit_val_batches 0 "$@"
