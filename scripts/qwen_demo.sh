@@ -11,7 +11,8 @@
 # MODEL: a local folder or hub id (default Qwen/Qwen2.5-0.5B-Instruct). Offline, Qwen2.5-Coder-0.5B-Instruct comes
 # from PyPI wheels: see "What about Qwen?" in docs/identity.md, which has the figures and times. On two 2-core CPUs
 # with AVX512-BF16 the shipped fit took 18 and 26 min and a compare on one split 7 and 14 min, so the script runs
-# for one to two hours; full fine-tuning peaked at 17.5 GB of memory. With less memory pass `--model.lora.use_peft true --model.optimizer.lr 2e-4` (not measured).
+# for one to two hours; full fine-tuning peaked at 17.5 GB of memory. With less memory pass
+# `--model.lora.use_peft true --model.optimizer.lr 2e-4` (not measured).
 # The tutorial's fit has no model to compare when the guard stopped it before any probe pass passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
