@@ -2,7 +2,6 @@
 fresh reporting) is trained on, no drift prompt is an anchor, the system prompts reported as unseen are in no pair
 config's pool, and every reference answer fills with each pair config's placeholders (docs/identity.md)."""
 
-import re
 import unicodedata
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from dpo_lightning.pairs.build import fill_placeholders
 
 from conftest import ROOT
 
-IDENTITY = Path(ROOT) / "data" / "identity"
-PAIR_CONFIGS = [Path(ROOT) / "configs" / "pairs" / name for name in ("smollm2_identity.yaml", "qwen_identity.yaml")]
-RUN_CONFIGS = [Path(ROOT) / "configs" / name for name in ("smollm2_identity.yaml", "qwen_identity.yaml")]
+REPO = Path(ROOT)
+IDENTITY = REPO / "data" / "identity"
+PAIR_CONFIGS = [REPO / "configs" / "pairs" / name for name in ("smollm2_identity.yaml", "qwen_identity.yaml")]
+RUN_CONFIGS = [REPO / "configs" / name for name in ("smollm2_identity.yaml", "qwen_identity.yaml")]
 TRAIN, VAL, REPORT, FRESH = ("prompts_train", "prompts_val", "prompts_report", "prompts_fresh")
 
 
@@ -55,8 +55,8 @@ def test_every_reference_answer_fills_and_names(config):
     settings = yaml.safe_load(config.read_text())
     placeholders = settings["placeholders"]
     for path in settings["prompts_paths"]:
-        for where, row in read_prompt_rows(str(Path(ROOT) / path)):
-            assert re.search(r"\{name\}", row["reference"]), where
+        for where, row in read_prompt_rows(str(REPO / path)):
+            assert "{name}" in row["reference"], where
             assert placeholders["name"] in fill_placeholders(row["reference"], placeholders, where)
 
 
