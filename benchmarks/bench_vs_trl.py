@@ -36,7 +36,10 @@ Each side runs in its own process (clean peak memory). The first optimizer step 
 
 Printed per side: pairs/s; tokens/s (the pairs' own tokens, prompt once, as ``throughput/tokens_per_sec``); peak
 memory (RSS on CPU, max allocated on CUDA) and the peak above the floor of fp32 weights + gradients + AdamW states
-(16 bytes per trained parameter, 4 per frozen one); ours' padding share (``throughput/padding_share``); set-up time;
+(16 bytes per trained parameter, 4 per frozen one); on CPU also the peak above that floor and the side's libraries
+(the RSS of its process once its imports are done, before data or a model exist: Python, torch, transformers and
+Lightning or TRL, memory no trainer setting changes; on CUDA the allocator counts none of it), which leaves the
+activations and the trainer's own buffers; ours' padding share (``throughput/padding_share``); set-up time;
 on CUDA, MFU: ``6 N`` FLOPs per pair token (the policy's forward and backward) over time and the device's peak,
 the same useful work for every side. Then ratios against each TRL side and the ceiling.
 """
@@ -72,6 +75,14 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def libraries_gb() -> float:
+    """The process's resident memory now: taken after a side's imports, before its data and model exist."""
+    if torch.cuda.is_available():
+        return 0.0  # max_memory_allocated counts tensors only
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def floor_gb(model: torch.nn.Module) -> float:
     """fp32 weights + gradients + AdamW's two states of the trained parameters, the weights of the frozen ones."""
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -96,10 +107,12 @@ def own_tokens(pair: dict) -> int:
 def run_ours(args) -> dict:
     from lightning.pytorch import Callback, Trainer
 
+    from dpo_lightning.data.datamodule import PreferenceDataModule  # noqa: F401 (imported before the baseline)
     from dpo_lightning.training.module import DPOModule
     from dpo_lightning.training.settings import CompileSettings, LoraSettings, ReferenceSettings
     from dpo_lightning.training.throughput import ThroughputTelemetry
 
+    libraries = libraries_gb()
     options = set(args.options)
     started = [time.perf_counter()]
 
@@ -128,7 +141,8 @@ def run_ours(args) -> dict:
     total = {k: sum(s[k] for s in timed) for k in ("step_time", "pairs", "tokens", "filled", "positions")}
     return {"seconds": total["step_time"], "pairs": total["pairs"], "tokens": total["tokens"],
             "padding": 1 - total["filled"] / total["positions"], "setup_seconds": started[-1] - started[0],
-            "floor_gb": floor_gb(model.policy), "params": sum(p.numel() for p in model.policy.parameters())}
+            "floor_gb": floor_gb(model.policy), "libraries_gb": libraries,
+            "params": sum(p.numel() for p in model.policy.parameters())}
 
 
 def run_trl(args) -> dict:
@@ -136,6 +150,7 @@ def run_trl(args) -> dict:
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    libraries = libraries_gb()
     times, started = [], [time.perf_counter()]
 
     class Clock(TrainerCallback):
@@ -167,7 +182,8 @@ def run_trl(args) -> dict:
     trainer.train()
     pairs = args.steps * args.batch_size * args.accumulation
     return {"seconds": times[-1] - times[0], "pairs": pairs, "setup_seconds": started[-1] - started[0],
-            "floor_gb": floor_gb(trainer.model), "gradient_checkpointing": config.gradient_checkpointing}
+            "floor_gb": floor_gb(trainer.model), "libraries_gb": libraries,
+            "gradient_checkpointing": config.gradient_checkpointing}
 
 
 def causal_lm_steps(args, rows_of) -> dict:
@@ -176,8 +192,10 @@ def causal_lm_steps(args, rows_of) -> dict:
     batches. Timed from the end of the first optimizer step."""
     from transformers import AutoModelForCausalLM
 
+    from dpo_lightning.data.datamodule import PreferenceDataModule  # noqa: F401 (imported before the baseline)
     from dpo_lightning.training.host_memory import keep_freed_memory
 
+    libraries = libraries_gb()
     if device() == "cpu":
         keep_freed_memory()  # as ours: the ceiling is the least time, so it gets the same host memory reuse
     dm = data_module(args)
@@ -203,7 +221,7 @@ def causal_lm_steps(args, rows_of) -> dict:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
     return {"seconds": stamps[-1] - stamps[0], "pairs": args.steps * args.batch_size * args.accumulation,
-            "floor_gb": floor_gb(model)}
+            "floor_gb": floor_gb(model), "libraries_gb": libraries}
 
 
 def run_plain(args) -> dict:
@@ -307,6 +325,12 @@ def main() -> None:
     report(args, results)
 
 
+def above(result: dict, libraries: bool = False) -> float:
+    """The peak above the floor of weights, gradients and AdamW states; with ``libraries``, above that and the
+    memory the side's process held after its imports."""
+    return result["peak_memory_gb"] - result["floor_gb"] - (result["libraries_gb"] if libraries else 0.0)
+
+
 def report(args, results: dict) -> None:
     tokens_per_pair, peak = mean_own_tokens(args), peak_flops()
     params = next((r["params"] for r in results.values() if "params" in r), None)
@@ -314,8 +338,8 @@ def report(args, results: dict) -> None:
           f"batch {args.batch_size} x accumulation {args.accumulation}, max_length {args.max_length}, "
           f"{args.steps} timed steps, device {torch.cuda.get_device_name() if device() == 'cuda' else 'cpu'}")
     width = max(9, *(len(label) for label in results))
-    print(f"{'side':{width}s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s} {'>floor':>7s} {'padding':>8s} "
-          f"{'setup s':>8s}" + (f" {'MFU':>6s}" if peak and params else ""))
+    print(f"{'side':{width}s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak GB':>8s} {'>floor':>7s} {'>f+libs':>8s} "
+          f"{'padding':>8s} {'setup s':>8s}" + (f" {'MFU':>6s}" if peak and params else ""))
     for label, r in results.items():
         r["pairs_per_s"] = r["pairs"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"] if "tokens" in r else r["pairs_per_s"] * tokens_per_pair
@@ -323,15 +347,16 @@ def report(args, results: dict) -> None:
         setup = f"{r['setup_seconds']:8.1f}" if "setup_seconds" in r else f"{'':8s}"
         mfu = f" {6 * params * r['tokens_per_s'] / peak:6.1%}" if peak and params else ""
         print(f"{label:{width}s} {r['pairs_per_s']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_memory_gb']:8.2f} "
-              f"{r['peak_memory_gb'] - r['floor_gb']:7.2f} {padding} {setup}{mfu}")
+              f"{above(r):7.2f} {above(r, libraries=True):8.2f} {padding} {setup}{mfu}")
     anchors = [label for label in results if label.startswith("trl")]
     for label in (label for label in results if label.startswith("ours")):
         ours = results[label]
         for anchor in anchors + [x for x in ("ceiling", "plain") if x in results]:
             other = results[anchor]
             print(f"{label}/{anchor}: speed {ours['pairs_per_s'] / other['pairs_per_s']:.2f}x, peak above floor "
-                  f"{ours['peak_memory_gb'] - ours['floor_gb']:.2f} / {other['peak_memory_gb'] - other['floor_gb']:.2f}"
-                  " GB")
+                  f"{above(ours):.2f} / {above(other):.2f} GB ({above(ours) / above(other):.2f}x), above floor and "
+                  f"libraries {above(ours, True):.2f} / {above(other, True):.2f} GB "
+                  f"({above(ours, True) / above(other, True):.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("side", "options")},
