@@ -226,3 +226,24 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
         scored = reward.score([("row", {"prompt": "What is 7 - 4?", "answer": "3"})],
                               [[Answer(t, True, 5) for t in texts]])[0]
         assert [s.reward for s in scored] == pytest.approx([1.05, 1.0, 0.05, 0.0])
+
+
+def test_iterate_report_paired_sign_test(tmp_path, capsys):
+    """``scripts/iterate_report.py --paired``: the discordant counts of two runs' last rounds, and the sign test
+    against a count over every outcome of that many fair coin flips."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import iterate_report
+
+    for n, k in [(0, 0), (1, 0), (7, 3), (10, 1), (12, 6)]:
+        outcomes = [bin(i).count("1") for i in range(2 ** n)]  # heads in each sequence of n flips
+        extreme = sum(min(h, n - h) <= k for h in outcomes) / 2 ** n
+        assert math.isclose(iterate_report.sign_test(k, n - k), extreme), (n, k)
+    right = {"a": [1, 1, 1, 0, 0, 1], "b": [1, 0, 0, 0, 1, 0]}  # only a: 3 prompts, only b: 1, both: 1
+    for name, values in right.items():
+        os.makedirs(tmp_path / name / "round_2")
+        (tmp_path / name / "rounds.json").write_text(json.dumps([{"round": 0}, {"round": 1}, {"round": 2}]))
+        write_jsonl(tmp_path / name / "round_2" / "eval.jsonl",
+                    [{"where": f"held.jsonl line {i + 1}", "terms": {"right": v}} for i, v in enumerate(values)])
+    iterate_report.paired([str(tmp_path / "a"), str(tmp_path / "b")], "right")
+    printed = capsys.readouterr().out
+    assert "a round 2 4, b round 2 2; only the first 3, only the second 1, sign test p = 0.625" in printed

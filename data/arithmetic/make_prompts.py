@@ -2,7 +2,7 @@
 numbers up to 20 and products of one-digit numbers, each asking for a last line ``Answer: <number>``; the row's
 ``answer`` is what ``dpo_lightning.pairs.verifiable.FinalAnswer`` checks.
 
-``train.jsonl`` is sampled for training; ``heldout.jsonl`` holds other operand pairs and two phrasings that appear
+``train.jsonl`` is sampled for training; ``heldout.jsonl`` holds all other operand pairs and two phrasings that appear
 in no training prompt, and is only answered for evaluation. Run from the repository root:
 ``python data/arithmetic/make_prompts.py``.
 """
@@ -29,7 +29,9 @@ def main() -> None:
     rng = random.Random(0)
     problems = sorted({(op, *operands(rng, op)) for op in OPERATIONS for _ in range(400)})
     rng.shuffle(problems)
-    splits = {"heldout": (problems[:64], HELDOUT_PHRASINGS), "train": (problems[64:320], TRAIN_PHRASINGS)}
+    # every problem not sampled for training is held out: 233 of them, enough to separate two recipes by a few points
+    splits = {"heldout": (problems[:64] + problems[320:], HELDOUT_PHRASINGS),
+              "train": (problems[64:320], TRAIN_PHRASINGS)}
     here = os.path.dirname(os.path.abspath(__file__))
     for name, (chosen, phrasings) in splits.items():
         with open(os.path.join(here, f"{name}.jsonl"), "w", encoding="utf-8") as f:
