@@ -3,9 +3,10 @@
 Per round: prompts sampled, pairs, the samples' mean reward, and on the held-out prompts the mean reward, each reward
 term's mean (the share of answers passing, for a 0/1 check) and the share of degenerate answers.
 
-``--paired TERM`` then compares the last round of each run with the first run's last round prompt by prompt on a
-0/1 reward term (e.g. ``right``): how many held-out prompts only one of the two passes, and the two-sided sign test
-on those (exact binomial): the chance of a split at least this uneven if neither model were better.
+``--paired TERM`` then compares the runs' last rounds two by two (the first run with the second, the third with the
+fourth, ...) prompt by prompt on a 0/1 reward term (e.g. ``right``): how many held-out prompts only one of the two
+passes, and the two-sided sign test on those (exact binomial): the chance of a split at least this uneven if
+neither model were better; with several comparisons (one per data order, say), also the counts pooled.
 """
 
 import argparse
@@ -30,19 +31,28 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def paired(run_dirs: list[str], term: str) -> None:
-    base_round, base = last_eval(run_dirs[0])
-    for run_dir in run_dirs[1:]:
-        last, other = last_eval(run_dir)
-        if set(other) != set(base):
-            raise SystemExit(f"{run_dir} and {run_dirs[0]} answered different held-out prompts")
-        only_base = sum(base[k]["terms"][term] == 1 and other[k]["terms"][term] == 0 for k in base)
-        only_other = sum(base[k]["terms"][term] == 0 and other[k]["terms"][term] == 1 for k in base)
-        both = sum(base[k]["terms"][term] == 1 == other[k]["terms"][term] for k in base)
-        print(f"{term}, {len(base)} held-out prompts: {os.path.basename(run_dirs[0].rstrip('/'))} round "
-              f"{base_round} {both + only_base}, {os.path.basename(run_dir.rstrip('/'))} round {last} "
-              f"{both + only_other}; only the first {only_base}, only the second {only_other}, sign test "
-              f"p = {sign_test(only_base, only_other):.3f}")
+def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
+    """Compare the runs two by two (the first with the second, the third with the fourth, ...) prompt by prompt;
+    print each comparison and, for more than one, the counts pooled. Returns the pooled counts (only the first run
+    of a comparison passes, only the second)."""
+    if len(run_dirs) % 2:
+        raise SystemExit("--paired compares runs two by two: give an even number of run folders")
+    pooled = [0, 0]
+    for first, second in zip(run_dirs[::2], run_dirs[1::2]):
+        (round_a, a), (round_b, b) = last_eval(first), last_eval(second)
+        if set(a) != set(b):
+            raise SystemExit(f"{first} and {second} answered different held-out prompts")
+        only_a = sum(a[k]["terms"][term] == 1 and b[k]["terms"][term] == 0 for k in a)
+        only_b = sum(a[k]["terms"][term] == 0 and b[k]["terms"][term] == 1 for k in a)
+        passed_a, passed_b = (sum(rows[k]["terms"][term] == 1 for k in a) for rows in (a, b))
+        pooled = [pooled[0] + only_a, pooled[1] + only_b]
+        print(f"{term}, {len(a)} held-out prompts: {os.path.basename(first.rstrip('/'))} round {round_a} {passed_a}, "
+              f"{os.path.basename(second.rstrip('/'))} round {round_b} {passed_b}; only the first {only_a}, only the "
+              f"second {only_b}, sign test p = {sign_test(only_a, only_b):.3f}")
+    if len(run_dirs) > 2:
+        print(f"{term}, pooled over {len(run_dirs) // 2} comparisons: only the first {pooled[0]}, only the second "
+              f"{pooled[1]}, sign test p = {sign_test(*pooled):.3f}")
+    return pooled[0], pooled[1]
 
 
 def main(run_dirs: list[str]) -> None:
@@ -69,7 +79,8 @@ def main(run_dirs: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--paired", metavar="TERM", help="a 0/1 reward term to compare the runs' last rounds on")
+    parser.add_argument("--paired", metavar="TERM",
+                        help="a 0/1 reward term to compare the runs' last rounds on, two by two")
     args = parser.parse_args()
     main(args.run_dirs)
     if args.paired:

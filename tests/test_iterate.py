@@ -238,12 +238,15 @@ def test_iterate_report_paired_sign_test(tmp_path, capsys):
         outcomes = [bin(i).count("1") for i in range(2 ** n)]  # heads in each sequence of n flips
         extreme = sum(min(h, n - h) <= k for h in outcomes) / 2 ** n
         assert math.isclose(iterate_report.sign_test(k, n - k), extreme), (n, k)
-    right = {"a": [1, 1, 1, 0, 0, 1], "b": [1, 0, 0, 0, 1, 0]}  # only a: 3 prompts, only b: 1, both: 1
+    # a against b: only a 3 prompts, only b 1, both 1; c against d: only c 0, only d 2
+    right = {"a": [1, 1, 1, 0, 0, 1], "b": [1, 0, 0, 0, 1, 0], "c": [0, 0, 0, 0, 0, 1], "d": [1, 0, 0, 0, 1, 1]}
     for name, values in right.items():
         os.makedirs(tmp_path / name / "round_2")
         (tmp_path / name / "rounds.json").write_text(json.dumps([{"round": 0}, {"round": 1}, {"round": 2}]))
         write_jsonl(tmp_path / name / "round_2" / "eval.jsonl",
                     [{"where": f"held.jsonl line {i + 1}", "terms": {"right": v}} for i, v in enumerate(values)])
-    iterate_report.paired([str(tmp_path / "a"), str(tmp_path / "b")], "right")
+    assert iterate_report.paired([str(tmp_path / n) for n in "abcd"], "right") == (3, 3)
     printed = capsys.readouterr().out
     assert "a round 2 4, b round 2 2; only the first 3, only the second 1, sign test p = 0.625" in printed
+    assert "c round 2 1, d round 2 3; only the first 0, only the second 2, sign test p = 0.500" in printed
+    assert "pooled over 2 comparisons: only the first 3, only the second 3, sign test p = 1.000" in printed
