@@ -250,3 +250,17 @@ def test_iterate_report_paired_sign_test(tmp_path, capsys):
     assert "a round 2 4, b round 2 2; only the first 3, only the second 1, sign test p = 0.625" in printed
     assert "c round 2 1, d round 2 3; only the first 0, only the second 2, sign test p = 0.500" in printed
     assert "pooled over 2 comparisons: only the first 3, only the second 3, sign test p = 1.000" in printed
+
+
+def test_arithmetic_held_out_problems_are_never_sampled():
+    """The demo's held-out file shares no problem (operation and operands) and no phrasing with the sampled one."""
+    def problems(name):
+        rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "arithmetic", name), encoding="utf-8")]
+        found = [re.search(r"(\d+) ([+\-×]) (\d+)", r["prompt"]) for r in rows]
+        phrasings = {r["prompt"].replace(m.group(0), "{}") for r, m in zip(rows, found)}
+        return [m.groups() for m in found], phrasings
+
+    (train, train_phrasings), (held_out, held_out_phrasings) = problems("train.jsonl"), problems("heldout.jsonl")
+    assert len(set(train)) == len(train) == 256 and len(set(held_out)) == len(held_out) == 233
+    assert not set(train) & set(held_out)
+    assert not train_phrasings & held_out_phrasings and len(held_out_phrasings) == 2
