@@ -58,3 +58,17 @@ def test_bench_vs_trl_runs_every_side(tmp_path):
         # on CPU the libraries hold memory of their own, below the peak above the floor; CUDA's allocator counts none
         assert r["peak_memory_gb"] - r["floor_gb"] > r["libraries_gb"] > 0 or torch.cuda.is_available()
     assert 0 <= results["ours"]["padding"] < 1
+
+
+def test_bench_head_compares_the_linear_head_with_autograds_loop():
+    """SmolLM2's head shape on 96 positions in chunks of 32: the linear head keeps no logits, autograd's loop keeps
+    every chunk's (n, V) block, 96 x 49152 fp32 values at least, ten times what it keeps (the hidden states)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_head.py"), "--shapes",
+                           "smollm2-135m", "--positions", "96", "--chunk_size", "32", "--repeats", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[1]: [float(x) for x in line.split()[2:]] for line in proc.stdout.splitlines()
+            if line.startswith("smollm2-135m ") and line.split()[1] in ("linear", "autograd")}
+    assert set(rows) == {"linear", "autograd"}
+    assert rows["autograd"][1] >= 96 * 49152 * 4 / 2**30 * 0.999 > 10 * rows["linear"][1]  # kept GB
+    assert "linear / autograd time" in proc.stdout
