@@ -2,7 +2,8 @@
 # The GPU check: one command on a machine with one CUDA GPU and no network, about 6 minutes. It prints
 #   1. the machine: GPU, driver-side CUDA, torch, lightning, transformers, peft;
 #   2. the GPU-marked tests (pytest -m gpu): bf16-true and bf16-mixed fits, prefix sharing and packing equal to the
-#      plain layout under SDPA on CUDA, FSDP on one GPU with its export, the fused AdamW step;
+#      plain layout under SDPA on CUDA, packing under FlexAttention's block masks, the LM head that keeps no
+#      logits under bf16 autocast, FSDP on one GPU with its export, the fused AdamW step;
 #   3. the side-by-side benchmark against TRL (benchmarks/bench_vs_trl.py --preset long, max_length 2048) on
 #      randomly initialised models of Qwen2.5-0.5B and Qwen2.5-1.5B shape: pairs/s, tokens/s, MFU, max allocated
 #      memory (no weights, no tokenizer download: benchmarks/synthetic.py).

@@ -7,6 +7,8 @@ import torch
 from dpo_lightning.model.linear_head import ChunkStats, linear_logps
 from dpo_lightning.model.logprobs import head_logps
 
+from conftest import DEVICES
+
 
 def plain(h, weight, bias, targets):
     """Autograd through the whole (N, V) log-softmax: the independent computation."""
@@ -14,14 +16,14 @@ def plain(h, weight, bias, targets):
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def inputs(n=13, hidden=8, vocab=29, bias=True, dtype=torch.float64, seed=0):
+def inputs(n=13, hidden=8, vocab=29, bias=True, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, hidden, generator=g, dtype=dtype)
     weight = torch.randn(vocab, hidden, generator=g, dtype=dtype)
     b = torch.randn(vocab, generator=g, dtype=dtype) if bias else None
     targets = torch.randint(0, vocab, (n,), generator=g)
     upstream = torch.randn(n, generator=g, dtype=dtype)  # d loss / d logp, different for every position
-    return h, weight, b, targets, upstream
+    return tuple(None if t is None else t.to(device) for t in (h, weight, b, targets, upstream))
 
 
 def gradients(fn, h, weight, bias, targets, upstream):
@@ -31,10 +33,11 @@ def gradients(fn, h, weight, bias, targets, upstream):
     return logps.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [1, 4, 13, 1024])
 @pytest.mark.parametrize("bias", [True, False])
-def test_logps_and_gradients_equal_the_full_log_softmax_in_fp64(chunk_size, bias):
-    args = inputs(bias=bias)
+def test_logps_and_gradients_equal_the_full_log_softmax_in_fp64(chunk_size, bias, device):
+    args = inputs(bias=bias, device=device)
     want, want_grads = gradients(plain, *args)
     got, got_grads = gradients(lambda h, w, b, t: linear_logps(h, w, b, t, chunk_size, ChunkStats(False)), *args)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -84,9 +87,10 @@ def test_head_logps_takes_it_for_a_linear_head_and_gives_the_generic_paths_sums_
     torch.testing.assert_close(fast_b, generic_b, rtol=1e-10, atol=1e-12)
 
 
-def test_bf16_autocast_runs_the_head_in_bf16_as_the_plain_path_does():
-    h, weight, bias, targets, upstream = inputs(n=20, hidden=16, vocab=64, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_runs_the_head_in_bf16_as_the_plain_path_does(device):
+    h, weight, bias, targets, upstream = inputs(n=20, hidden=16, vocab=64, dtype=torch.float32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         want, want_grads = gradients(lambda *a: plain(*a).float(), h, weight, bias, targets, upstream)
         got, got_grads = gradients(lambda h_, w, b, t: linear_logps(h_, w, b, t, 7, ChunkStats(False)),
                                    h, weight, bias, targets, upstream)

@@ -12,7 +12,7 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import sequence_logps
 from dpo_lightning.model.logprobs import response_logps
 from dpo_lightning.model.packing import first_fit, place_pairs, row_layout
-from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, choose_layout, shared_prefix_logps
+from dpo_lightning.model.prefix_sharing import VERIFIED_MODEL_TYPES, block_mask, choose_layout, shared_prefix_logps
 from dpo_lightning.training.throughput import layout_counts
 
 from conftest import (
@@ -105,6 +105,53 @@ def test_packed_logps_and_gradients_equal_the_plain_path(tiny_model_dir, pairs_j
         assert torch.allclose(a, b, atol=1e-6)
     for a, b in zip(plain_grads, packed_grads):
         assert torch.allclose(a, b, atol=1e-6 * a.abs().max().item())
+
+
+def test_block_mask_holds_the_packed_mask_and_skips_other_pairs_blocks():
+    """The block mask FlexAttention gets: its mask function gives the dense mask at every position, and blocks in
+    which no query attends any key (another pair's segment, padding) are not visited."""
+    segments = [(40, 30, 50), (20, 60, 30), (70, 10, 20), (10, 20, 10)]  # prompt, chosen, rejected
+    input_ids, attention_mask, loss_mask = [], [], []
+    width = max(p + max(c, r) for p, c, r in segments)
+    for side in (1, 2):
+        for prompt, chosen, rejected in segments:
+            length = prompt + (chosen, rejected)[side - 1]
+            input_ids.append([3] * prompt + [side] * (length - prompt) + [0] * (width - length))
+            attention_mask.append([1] * length + [0] * (width - length))
+            loss_mask.append([0] * prompt + [1] * (length - prompt) + [0] * (width - length))
+    layout = row_layout(*(torch.tensor(x) for x in (input_ids, attention_mask, loss_mask)), packing=True,
+                        row_tokens=256)
+    rows, _, length, _ = layout.mask.shape
+    assert rows < len(segments)  # several pairs share a row
+    blocks = block_mask(layout.mask)
+    b, q, k = torch.meshgrid(torch.arange(rows), torch.arange(length), torch.arange(length), indexing="ij")
+    assert torch.equal(blocks.mask_mod(b, torch.zeros_like(b), q, k), layout.mask[:, 0])
+    visited = blocks.to_dense()  # (R, 1, query blocks, key blocks) 1 where the kernel computes a block
+    size = blocks.BLOCK_SIZE[0]
+    padded = torch.nn.functional.pad(layout.mask[:, 0], (0, -length % size, 0, -length % size))
+    any_attended = padded.unflatten(1, (-1, size)).unflatten(3, (-1, size)).any(dim=(2, 4))  # (R, qb, kb)
+    assert torch.equal(visited[:, 0].bool(), any_attended)
+    assert visited.sum() < visited.numel()  # some blocks skipped
+
+
+@pytest.mark.gpu
+def test_flex_attention_block_masks_give_the_plain_paths_logps_and_gradients(tiny_model_dir, pairs_jsonl):
+    """Packed rows under ``flex_attention``, the mask handed over as a block mask, against the plain layout under
+    SDPA, on CUDA in fp32 (on CPU FlexAttention has no backward pass)."""
+    batch = mixed_batch(tiny_model_dir, pairs_jsonl)
+    inputs = tuple(batch[k].cuda() for k in ("input_ids", "attention_mask", "loss_mask"))
+    results = []
+    for implementation, fn in (("sdpa", response_logps), ("flex_attention", None)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).cuda()
+        fn = fn or choose_layout([model], False, packing=True)
+        assert fn is response_logps or fn.func is shared_prefix_logps  # flex_attention is not refused
+        out = fn(model, *inputs, chunk_size=7)
+        (out.logps * torch.linspace(1, 2, out.logps.shape[0], device="cuda")).sum().backward()
+        results.append((out.logps.detach(), [p.grad for p in model.parameters()]))
+    (plain, plain_grads), (flex, flex_grads) = results
+    torch.testing.assert_close(flex, plain, rtol=1e-5, atol=1e-4)
+    for a, b in zip(plain_grads, flex_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

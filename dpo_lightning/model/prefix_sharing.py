@@ -4,7 +4,9 @@ The rejected tokens attend to the prompt and to each other but not to the chosen
 right after the prompt (``position_ids``), so every response token sees exactly what it sees in its own row of the
 plain ``(2B, T)`` batch: the log-probs are the same up to float rounding (``tests/test_prefix_sharing.py``).
 Saves ``B * prompt`` tokens a forward and the padding between chosen and rejected; costs a ``(B, 1, L, L)`` mask,
-which needs the ``sdpa`` or ``eager`` attention implementation.
+which needs the ``sdpa``, ``eager`` or ``flex_attention`` implementation. With ``flex_attention`` the mask goes to
+the kernel as a block mask, whose blocks no query attends are skipped: packed pairs then cost the attention of their
+own segments, not of the row's square (CUDA; on CPU FlexAttention has no backward pass).
 
 Sliding-window models (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): a custom mask replaces the model's
 own, window included, so the window is applied here, in position space. When layers differ (some full, some
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
 from .packing import SharedLayout, row_layout
 
-MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
+MASKED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 class AttentionPattern(NamedTuple):
@@ -129,6 +131,15 @@ def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def block_mask(mask: Tensor):
+    """FlexAttention's ``BlockMask`` of a boolean ``(R, 1, L, L)`` mask, True where a query attends a key: the kernel
+    skips the blocks in which no query attends any key (other pairs' segments, padding)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, _, length, _ = mask.shape
+    return create_block_mask(lambda b, h, q, k: mask[b, 0, q, k], rows, None, length, length, device=mask.device)
+
+
 def attention_pattern(config) -> AttentionPattern:
     """What the model's own causal masks add to plain causality. Configs with ``layer_types`` (Qwen2, Gemma 2/3,
     ...) name each layer's kind; the others (Mistral, Phi3) slide in every layer when ``sliding_window`` is set."""
@@ -180,10 +191,10 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (R, 1, L, L)
         sliding = layout.mask & (distance < pattern.window)
         mask = {"full_attention": layout.mask, "sliding_attention": sliding} if pattern.mixed else sliding
-    if implementation == "eager":  # additive float masks: 0 where attending, the dtype's minimum elsewhere
-        dtype = next(model.parameters()).dtype
-        mask = ({kind: additive(m, dtype) for kind, m in mask.items()} if isinstance(mask, dict)
-                else additive(mask, dtype))
+    if implementation in ("eager", "flex_attention"):
+        convert = functools.partial(additive, dtype=next(model.parameters()).dtype) if implementation == "eager" \
+            else block_mask  # eager adds a float mask; FlexAttention takes its blocks
+        mask = {kind: convert(m) for kind, m in mask.items()} if isinstance(mask, dict) else convert(mask)
     inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
     if plain_head(model):
         head, hidden = model.get_output_embeddings(), hidden_states(model, **inputs)
