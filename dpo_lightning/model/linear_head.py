@@ -10,7 +10,7 @@ the decoder layers.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +42,27 @@ class ChunkStats:
             self.wpo_logps.append(logps - 2 * torch.linalg.vector_norm(probs, dim=-1).log())
 
 
+def chunked_logps(logits_of: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, chunk_size: int,
+                  stats: ChunkStats) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``targets`` and the log-normalisers, ``chunk_size`` positions at a time; each chunk's figures go
+    to ``stats``. ``logits_of`` maps a chunk of ``h`` (n, H) to its fp32 logits (n, V); ``targets`` (N,).
+
+    Returns (N,) log-probs and (N,) log-normalisers.
+    """
+    logps, log_zs = [], []
+    for start in range(0, h.shape[0], chunk_size):
+        logits = logits_of(h[start:start + chunk_size])  # (n, V)
+        target = targets[start:start + chunk_size]  # (n,)
+        log_zs.append(torch.logsumexp(logits, dim=-1))  # (n,)
+        logps.append(logits.gather(-1, target[:, None]).squeeze(-1) - log_zs[-1])  # (n,)
+        stats.add(logits, log_zs[-1], logps[-1], target)
+        del logits
+    if not logps:
+        empty = h.new_zeros(0, dtype=upcast(h).dtype)
+        return empty, empty
+    return torch.cat(logps), torch.cat(log_zs)
+
+
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """(n, V) fp32 logits of hidden states h (n, H), in the dtype autocast gives the matmul."""
     return upcast(torch.nn.functional.linear(h, weight, bias))
@@ -51,20 +72,12 @@ class _LinearLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int,
                 stats: ChunkStats) -> Tensor:
-        logps, log_zs = [], []
-        for start in range(0, h.shape[0], chunk_size):
-            logits = _logits(h[start:start + chunk_size], weight, bias)  # (n, V)
-            target = targets[start:start + chunk_size]  # (n,)
-            log_z = torch.logsumexp(logits, dim=-1)  # (n,)
-            logps.append(logits.gather(-1, target[:, None]).squeeze(-1) - log_z)
-            log_zs.append(log_z)
-            stats.add(logits, log_z, logps[-1], target)
-            del logits
+        logps, log_z = chunked_logps(lambda x: _logits(x, weight, bias), h, targets, chunk_size, stats)
         device = h.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(h, weight, bias, targets, torch.cat(log_zs) if log_zs else h.new_zeros(0))
-        return torch.cat(logps) if logps else h.new_zeros(0, dtype=upcast(h).dtype)
+        ctx.save_for_backward(h, weight, bias, targets, log_z)
+        return logps
 
     @staticmethod
     def backward(ctx, grad_logps: Tensor):

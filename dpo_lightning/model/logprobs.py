@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import upcast
-from .linear_head import ChunkStats, linear_logps
+from .linear_head import ChunkStats, chunked_logps, linear_logps
 
 
 class TokenStats(NamedTuple):
@@ -174,14 +174,8 @@ def head_logps(head: Callable[[Tensor], Tensor], hidden: Tensor, rows: Tensor, c
     stats = ChunkStats(token_stats)
     if type(head) is nn.Linear:  # its logits are computed again in the backward pass, not kept (linear_head.py)
         token_logps = [linear_logps(h, head.weight, head.bias, targets, chunk_size, stats)]
-    else:
-        token_logps = []
-        for start in range(0, h.shape[0], chunk_size):
-            logits = upcast(head(h[start:start + chunk_size]))  # (n, V)
-            target = targets[start:start + chunk_size]  # (n,)
-            log_z = torch.logsumexp(logits, dim=-1)  # (n,)
-            token_logps.append(logits.gather(-1, target[:, None]).squeeze(-1) - log_z)  # (n,)
-            stats.add(logits, log_z, token_logps[-1], target)
+    else:  # autograd keeps each chunk's logits
+        token_logps = [chunked_logps(lambda x: upcast(head(x)), h, targets, chunk_size, stats)[0]]
     zeros = torch.zeros(n_out, device=hidden.device, dtype=upcast(h).dtype)
 
     def total(values: list[Tensor]) -> Tensor:  # (N,) per token -> (n_out,) per response

@@ -191,9 +191,10 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (R, 1, L, L)
         sliding = layout.mask & (distance < pattern.window)
         mask = {"full_attention": layout.mask, "sliding_attention": sliding} if pattern.mixed else sliding
-    if implementation in ("eager", "flex_attention"):
-        convert = functools.partial(additive, dtype=next(model.parameters()).dtype) if implementation == "eager" \
-            else block_mask  # eager adds a float mask; FlexAttention takes its blocks
+    # eager adds a float mask (0 where attending, the dtype's minimum elsewhere); FlexAttention takes its blocks
+    convert = {"eager": functools.partial(additive, dtype=next(model.parameters()).dtype),
+               "flex_attention": block_mask}.get(implementation)
+    if convert is not None:
         mask = {kind: convert(m) for kind, m in mask.items()} if isinstance(mask, dict) else convert(mask)
     inputs = {"input_ids": layout.input_ids, "attention_mask": mask, "position_ids": layout.position_ids}
     if plain_head(model):
