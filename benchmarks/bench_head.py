@@ -14,14 +14,12 @@ the backward pass, and the process's peak RSS above the inputs.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from sides import print_result, run_side  # benchmarks/sides.py
 
 from dpo_lightning.model.logprobs import head_logps
 
@@ -32,7 +30,7 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_side(side: str, shape: str, positions: int, chunk_size: int, repeats: int) -> dict:
+def measure(side: str, shape: str, positions: int, chunk_size: int, repeats: int) -> dict:
     torch.manual_seed(0)
     hidden_size, vocab = SHAPES[shape]
     head = torch.nn.Linear(hidden_size, vocab, bias=False)
@@ -74,7 +72,7 @@ def main() -> None:
     parser.add_argument("--shape", help="internal")
     args = parser.parse_args()
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, args.shape, args.positions, args.chunk_size, args.repeats)))
+        print_result(measure(args.side, args.shape, args.positions, args.chunk_size, args.repeats))
         return
     print(f"{args.positions} positions, chunks of {args.chunk_size}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -82,13 +80,9 @@ def main() -> None:
     for shape in args.shapes:
         results = {}
         for side in ("linear", "autograd"):
-            proc = subprocess.run([sys.executable, __file__, "--side", side, "--shape", shape,
-                                   f"--positions={args.positions}", f"--chunk_size={args.chunk_size}",
-                                   f"--repeats={args.repeats}"], capture_output=True, text=True)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.exit(f"{shape} {side} failed:\n{proc.stderr[-3000:]}")
-            results[side] = r = json.loads(line[0][len("RESULT "):])
+            results[side] = r = run_side(__file__, ["--side", side, "--shape", shape, f"--positions={args.positions}",
+                                                    f"--chunk_size={args.chunk_size}", f"--repeats={args.repeats}"],
+                                         f"{shape} {side}")
             print(f"{shape:14s} {side:8s} {r['seconds']:7.3f} {r['kept_gb']:8.3f} {r['peak_above_gb']:8.3f}")
         a, b = results["linear"], results["autograd"]
         print(f"{shape}: linear / autograd time {a['seconds'] / b['seconds']:.2f}x, peak above the inputs "

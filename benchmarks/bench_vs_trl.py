@@ -50,11 +50,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from sides import print_result, run_side  # benchmarks/sides.py
 from synthetic import generate, random_model  # benchmarks/synthetic.py
 
 PRESETS = {
@@ -309,19 +308,14 @@ def main() -> None:
         runs = {"ours": run_ours, "trl": run_trl, "plain": run_plain, "ceiling": run_ceiling}
         result = runs[args.side](args)
         result["peak_memory_gb"] = peak_memory_gb()
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     results = {}
     base = [f"--{k}={getattr(args, k)}" for k in ("preset", "model", "tokenizer", "pairs", "batch_size",
                                                   "accumulation", "max_length", "steps", "workdir")]
     for label in args.sides.split(","):
         side, _, options = label.partition("+")
-        command = [sys.executable, __file__, *base, "--side", side, "--options", options]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{label} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        results[label] = json.loads(line[0][len("RESULT "):])
+        results[label] = run_side(__file__, [*base, "--side", side, "--options", options], label)
     report(args, results)
 
 
