@@ -109,6 +109,15 @@ def test_replace_strategy_counts_what_it_drops(tiny_model_dir, prompts_file, tmp
         assert row["chosen"][0]["content"] == " ".join("deep smol" if w == old else w for w in answer.split())
 
 
+def test_no_pair_kept_is_an_error_that_leaves_the_output_file(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    out.write_text('{"earlier": "pairs"}\n')
+    with pytest.raises(ValueError, match=r"no pair kept \(\d+ dropped: chosen identical to rejected.*left as it was"):
+        build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="replace", max_new_tokens=8,
+                    replacements={"a-name-no-answer-holds": "deep smol"})
+    assert out.read_text() == '{"earlier": "pairs"}\n' and not any(".tmp-" in n for n in os.listdir(tmp_path))
+
+
 def test_on_policy_best_is_chosen_worst_is_rejected_ties_dropped(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "pairs.jsonl"
     counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=4,
@@ -118,10 +127,11 @@ def test_on_policy_best_is_chosen_worst_is_rejected_ties_dropped(tiny_model_dir,
     for row in rows:
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert len(chosen.split()) > len(rejected.split())
-    # a keyword that no answer can contain scores every sample 0: every prompt is a tie
-    counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=3,
-                         max_new_tokens=4, reward_kwargs={"patterns": {"zzz-never": 1.0}})[str(out)]
-    assert counts == {"dropped: all samples scored the same": 6} and read(out) == []
+    # a keyword that no answer can contain scores every sample 0: every prompt is a tie, and the file stays
+    with pytest.raises(ValueError, match=r"no pair kept \(6 dropped: all samples scored the same\)"):
+        build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=3,
+                    max_new_tokens=4, reward_kwargs={"patterns": {"zzz-never": 1.0}})
+    assert read(out) == rows
 
 
 def test_keyword_reward_by_hand():

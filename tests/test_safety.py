@@ -128,6 +128,36 @@ def test_an_export_killed_halfway_leaves_the_previous_export(tiny_model_dir, tmp
     assert sorted(os.listdir(tmp_path)) == ["hf_model", "marker"]  # the half-written directory is gone
 
 
+def test_an_export_refuses_a_directory_it_would_destroy(tiny_model_dir, pairs_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = sorted(os.listdir(tiny_model_dir))
+    with pytest.raises(ValueError, match="which the export is made from"):  # the folder the policy came from
+        save_policy(model, tok, tiny_model_dir)
+    assert sorted(os.listdir(tiny_model_dir)) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="notes.txt, which an export does not write"):
+        save_policy(model, tok, str(mine))
+    assert os.listdir(mine) == ["notes.txt"] and not any(n.startswith(".mine") for n in os.listdir(tmp_path))
+
+    _, run = fit_tiny(tmp_path / "fit", tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=1")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="which the export is made from"):  # export into the checkpoint's folder
+        export_checkpoint(str(ckpt), str(ckpt.parent))
+    assert ckpt.exists()
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        export_checkpoint(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
+    export_checkpoint(str(ckpt), str(run / "hf_model"))  # an earlier export is replaced
+    with pytest.raises(ValueError, match="notes.txt, which an export does not write"):  # refused before training
+        fit_tiny(tmp_path / "fit2", tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+                 f"--export.dirpath={mine}")
+    assert not (tmp_path / "fit2" / "lightning_logs" / "version_0" / "checkpoints").exists()
+
+
 def test_trust_remote_code_is_off_by_default_everywhere():
     entry_points = [module.DPOModule.__init__, datamodule.PreferenceDataModule.__init__, build.build_pairs,
                     compare.compare, export.export_checkpoint, rewards.SequenceClassifierReward.__init__]

@@ -2,25 +2,60 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lora import is_peft_model, merged_state_dict
 
+# what a model's and a tokenizer's save_pretrained write (weights, configs, vocabularies, peft's model card, the
+# modelling code of remote-code models): a directory holding only these is an earlier export, safe to replace
+EXPORT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+                "*.bin.index.json", "adapter_config.json", "README.md", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.model", "*.tiktoken", "*.py")
+
+
+def check_export_target(output_dir: str, sources: Sequence[Optional[str]] = ()) -> None:
+    """Refuse an export directory whose replacement would lose something: one that is, or holds, what the export
+    is made from (``sources``: the base model's folder, the checkpoint), or that holds anything an export does not
+    write (``EXPORT_FILES``). A new or empty directory, or an earlier export, passes."""
+    if not os.path.exists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise ValueError(f"export directory {output_dir}: exists and is not a directory")
+    target = os.path.realpath(output_dir)
+    for source in sources:
+        if source and os.path.exists(source):
+            real = os.path.realpath(source)
+            if real == target or real.startswith(target + os.sep):
+                raise ValueError(f"export directory {output_dir}: it holds {source}, which the export is made from, "
+                                 "and an export replaces the whole directory; choose another directory")
+    foreign = [name for name in sorted(os.listdir(output_dir))
+               if not (os.path.isfile(os.path.join(output_dir, name))
+                       and any(fnmatch.fnmatch(name, pattern) for pattern in EXPORT_FILES))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"export directory {output_dir}: it holds {shown}, which an export does not write, and an "
+                         "export replaces the whole directory; choose a new or empty directory, or an earlier export")
+
 
 def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str,
-                state_dict: Optional[dict] = None, adapter: bool = False) -> str:
+                state_dict: Optional[dict] = None, adapter: bool = False,
+                sources: Sequence[Optional[str]] = ()) -> str:
     """``save_pretrained`` the model (safetensors) and tokenizer to ``output_dir``; returns the directory.
 
     The files are written to a sibling temporary directory that then replaces ``output_dir``, so an interrupted
     export leaves either the old directory or the new one, never a half-written mix. ``state_dict`` replaces the
     model's own weights (the gathered weights of a sharded model). A peft model is saved as plain weights with its
-    adapters merged (``adapter=False``) or as the adapter alone (``adapter=True``).
+    adapters merged (``adapter=False``) or as the adapter alone (``adapter=True``). A directory that is not an
+    earlier export, or that holds ``sources`` or the folder the policy was loaded from, is refused
+    (:func:`check_export_target`) before anything is written.
     """
+    check_export_target(output_dir, [*sources, getattr(policy, "name_or_path", None)])
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)

@@ -208,10 +208,12 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                                      rejected_unfinished=rejected_cut))
             counter["kept (anchor)"] += 1
             by_system[system] += 1
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
+        if not out_rows:  # an empty file would replace whatever pairs out_path holds
+            raise ValueError(f"{path}: no pair kept ({summary or 'no prompts'}); {out_path} is left as it was")
         with atomic_open(out_path, encoding="utf-8") as f:  # a half-written file never replaces a good one
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
         print(f"[dpo_lightning] {out_path}: {len(items) + len(anchors)} prompts -> {summary or 'nothing'}")
         if len(pool) > 1:
             print("[dpo_lightning]   kept pairs per system prompt: " + "; ".join(

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..model.fsdp import full_policy_state_dict, is_fsdp
 from ..model.loading import load_tokenizer
 from ..model.lora import apply_lora
-from ..model.saving import save_policy
+from ..model.saving import check_export_target, save_policy
 from .settings import as_settings
 
 
@@ -31,16 +31,24 @@ class HFExport(Callback):
         self.saved_to: Optional[str] = None
         self.written: list[str] = []  # what this process wrote: only global rank 0 writes
 
+    def _dirpath(self, trainer: Trainer) -> str:
+        return self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and trainer.is_global_zero:  # refuse a directory the export would destroy before training
+            check_export_target(self._dirpath(trainer), [pl_module.hparams.get("model_name_or_path")])
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        dirpath = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        dirpath = self._dirpath(trainer)
         state = full_policy_state_dict(trainer) if is_fsdp(trainer) else None  # a collective: every rank
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = getattr(datamodule, "tokenizer", None)
             adapter = pl_module.lora_settings.lora_export == "adapter"
-            save_policy(pl_module.policy, tokenizer, dirpath, state, adapter=adapter)
+            save_policy(pl_module.policy, tokenizer, dirpath, state, adapter=adapter,
+                        sources=[pl_module.hparams.get("model_name_or_path")])
             self.written.append(dirpath)
             rank_zero_info(f"[dpo_lightning] exported the trained policy to {dirpath}")
         self.saved_to = dirpath
@@ -48,6 +56,8 @@ class HFExport(Callback):
 
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:  # plain tensors and containers only: no pickled code runs
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_error:  # noqa: BLE001 - explain and refuse rather than fall back silently
@@ -66,6 +76,7 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_name_or_path: Optio
         tokenizer_name_or_path: tokenizer to save alongside; the run's tokenizer when unset.
         trust_remote_code: allow modelling code from the model repository to run.
     """
+    check_export_target(output_dir, [ckpt_path, model_name_or_path, tokenizer_name_or_path])
     checkpoint = _load_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters", {})
     base = model_name_or_path or hparams.get("model_name_or_path")
@@ -95,6 +106,7 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_name_or_path: Optio
     tok_path = tokenizer_name_or_path or checkpoint.get("datamodule_hyper_parameters", {}).get(
         "tokenizer_name_or_path", base)
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
-    save_policy(policy, tokenizer, output_dir, adapter=lora.lora_export == "adapter")
+    save_policy(policy, tokenizer, output_dir, adapter=lora.lora_export == "adapter",
+                sources=[ckpt_path, base, tok_path])
     print(f"[dpo_lightning] wrote {output_dir} from {ckpt_path}")
     return output_dir
