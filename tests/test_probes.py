@@ -200,6 +200,20 @@ def test_probe_base_is_the_reference_in_validate_and_never_measured_without_vali
     assert drift[-1].value == pytest.approx(fit_drift, rel=1e-5)
 
 
+def test_compare_takes_a_runs_settings_and_its_own_arguments_first(tiny_model_dir, pairs_jsonl, tmp_path):
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "hello !"}])
+    general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"}])
+    _, run = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, f"--probes.prompts_path={prompts}", "--probes.name=i",
+                      f"--probes.general_path={general}", "--probes.max_new_tokens=5",
+                      "--probes.system_prompts=[null, '']", "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
+    from_run = compare(run_dir=str(run), show_answers=False)
+    assert from_run["base"] == tiny_model_dir and from_run["trained"] == str(run / "hf_model")
+    assert from_run["max_new_tokens"] == 5 and [r["system_prompt"] for r in from_run["system_prompts"]] == [None, ""]
+    own = compare(run_dir=str(run), max_new_tokens=3, system_prompts=["x ."], show_answers=False)
+    assert own["max_new_tokens"] == 3 and [r["system_prompt"] for r in own["system_prompts"]] == ["x ."]
+    assert all(a["num_tokens"] <= 3 for r in own["system_prompts"] for a in r["after"]["answers"])
+
+
 def test_compare_reuses_the_base_answers_of_an_earlier_output(tiny_model_dir, tiny_reference_dir, tmp_path,
                                                              monkeypatch):
     from dpo_lightning.eval import compare as compare_module

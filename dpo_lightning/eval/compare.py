@@ -98,7 +98,8 @@ def _earlier_base(path: str, base: str, questions: list[str], general_q: list[st
 
 def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_path: Optional[str] = None,
             name: Optional[str] = None, general_path: Optional[str] = None, run_dir: Optional[str] = None,
-            system_prompts: Optional[list[Optional[str]]] = None, max_new_tokens: int = 128, batch_size: int = 64,
+            system_prompts: Optional[list[Optional[str]]] = None, max_new_tokens: Optional[int] = None,
+            batch_size: int = 64,
             max_prompts: Optional[int] = None, output_path: Optional[str] = None, width: Optional[int] = None,
             show_answers: bool = True, base_answers_path: Optional[str] = None,
             dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -116,7 +117,8 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         system_prompts: the system messages to ask under, each evaluated and reported on its own; ``null`` = no
             system message (the chat template's default), ``""`` = an empty one. Unset: the run's probes' list,
             else ``[null]``.
-        max_new_tokens: answer length budget; an answer that does not end within it counts as degenerate.
+        max_new_tokens: answer length budget; an answer that does not end within it counts as degenerate. Unset:
+            the run's probes' budget, else 128.
         batch_size: prompts per generation batch.
         max_prompts: use only the first this many questions.
         output_path: also write every answer and figure to this JSON file.
@@ -140,7 +142,8 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         prompts_path, name = prompts_path or run["prompts_path"], name or run["name"]
         general_path = general_path or run["general_path"]
         system_prompts = system_prompts if system_prompts is not None else run["system_prompts"]
-        max_new_tokens = run["max_new_tokens"] or max_new_tokens
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else run["max_new_tokens"]
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else 128
     missing = [k for k, v in (("base", base), ("trained", trained), ("prompts_path", prompts_path),
                               ("name", name)) if not v]
     if missing:
