@@ -93,6 +93,22 @@ def test_unsupported_attention_and_unshared_prompts_are_refused(tiny_model_dir, 
         shared_layout(other["input_ids"], other["attention_mask"], other["loss_mask"])
 
 
+def test_a_batch_with_a_pair_without_prompt_tokens_runs_in_the_plain_layout(tiny_model_dir):
+    # an empty prompt with a tokenizer that adds no BOS token: the responses' first tokens are predicted by nothing
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    batch = PreferenceCollator(0)([{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+                                   {"prompt_ids": [], "chosen_ids": [10, 11, 12], "rejected_ids": [13, 14]}])
+    args = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    plain = response_logps(model, *args)
+    with pytest.warns(UserWarning, match="share no prompt token .* runs in the plain layout"):
+        shared = shared_prefix_logps(model, *args)
+    assert torch.equal(shared.logps, plain.logps) and torch.equal(shared.tokens, plain.tokens)
+    assert plain.tokens.tolist() == [2, 2, 1, 1]  # the first tokens of the empty prompt's responses score nothing
+    with pytest.raises(ValueError, match="no prompt token"):
+        shared_layout(*args)
+
+
 def test_cli_fit_with_prefix_sharing_logs_the_plain_runs_metrics(tiny_model_dir, pairs_jsonl, tmp_path):
     metrics = []
     for sharing in ("false", "true"):

@@ -49,9 +49,11 @@ class Segment(NamedTuple):
         return self.prompt + self.chosen + self.rejected
 
 
-def pair_segments(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> list[Segment]:
-    """Each pair's prompt, chosen and rejected lengths in a plain ``(2B, T)`` batch; refuses pairs whose chosen and
-    rejected rows start with different prompts."""
+def pair_segments(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                  strict: bool = True) -> Optional[list[Segment]]:
+    """Each pair's prompt, chosen and rejected lengths in a plain ``(2B, T)`` batch. A pair whose rows start with
+    no prompt token (an empty prompt without a BOS token) or with different prompts has no segment: an error, or
+    None when not ``strict``."""
     n_pairs = input_ids.shape[0] // 2
     lengths = attention_mask.sum(-1).tolist()  # (2B,) prompt + response
     responses = loss_mask.sum(-1).tolist()  # (2B,)
@@ -60,8 +62,11 @@ def pair_segments(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) 
         prompt, chosen, rejected = lengths[i] - responses[i], responses[i], responses[n_pairs + i]
         if prompt == 0 or lengths[n_pairs + i] - rejected != prompt or not torch.equal(input_ids[i, :prompt],
                                                                         input_ids[n_pairs + i, :prompt]):
-            raise ValueError(f"prefix sharing: pair {i} of the batch has different prompts in its chosen and rejected "
-                             "rows; turn model.prefix_sharing and model.packing off for this data")
+            if not strict:
+                return None
+            raise ValueError(f"prefix sharing: pair {i} of the batch has no prompt token or different prompts in "
+                             "its chosen and rejected rows; turn model.prefix_sharing and model.packing off for this "
+                             "data")
         segments.append(Segment(prompt, chosen, rejected))
     return segments
 

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .logprobs import ResponseLogps, head_logps, hidden_states, plain_head, response_logps
-from .packing import SharedLayout, row_layout
+from .packing import SharedLayout, pair_segments, row_layout
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
@@ -183,6 +183,12 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         # one mask cannot serve full and sliding layers
         warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
                       "layers attend differently run in the plain layout", stacklevel=2)
+        return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
+                              ld_alpha=ld_alpha)
+    if pair_segments(input_ids, attention_mask, loss_mask, strict=False) is None:
+        # a response's first token is predicted from the prompt's last one, which this pair lacks or does not share
+        warnings.warn("prefix sharing: a batch with a pair whose chosen and rejected rows share no prompt token (an "
+                      "empty prompt, and a tokenizer that adds no BOS token) runs in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
                               ld_alpha=ld_alpha)
     layout = row_layout(input_ids, attention_mask, loss_mask, packing, row_tokens)
