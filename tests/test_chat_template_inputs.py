@@ -69,3 +69,30 @@ def test_the_data_module_passes_its_kwargs_and_keys_its_cache_by_them(tmp_path, 
         else:
             assert dm.train_pairs[0]["prompt_ids"] != expected[0]["prompt_ids"]
     assert caches[0] != caches[1]
+
+
+# CHAT_TEMPLATE that also writes an assistant turn's tool calls, as tool-calling models' templates do
+CALLS_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                  "{% for c in m.get('tool_calls') or [] %}the {{ c['function']['name'] }}{% endfor %}"
+                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_message_keys_besides_role_and_content_reach_the_template(tok):
+    tok.chat_template = CALLS_TEMPLATE
+    call = {"type": "function", "function": {"name": "sky", "arguments": {}}}
+    row = {**ROW, "tools": TOOLS, "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
+    pair = normalize_row(row, "f line 1")
+    assert pair.chosen == [{"role": "assistant", "content": "", "tool_calls": [call]}]  # nothing dropped
+    out = tokenize_pair(pair, tok)
+    assert tok.decode(out.chosen_ids).strip().startswith("the sky")  # the call, rendered
+    assert out.prompt_ids + out.chosen_ids == _ids(tok, ROW["prompt"] + pair.chosen, tools=TOOLS)
+    # the same words, one turn calling the tool: a pair, not an identical one
+    said = [{"role": "assistant", "content": "let me look ."}]
+    pair = normalize_row({**ROW, "chosen": [{**said[0], "tool_calls": [call]}], "rejected": said}, "f line 2")
+    assert pair.chosen != pair.rejected and "tool_calls" in pair.chosen[0]
+    for message, fragment in (({"role": "assistant", "content": None}, "must be strings"),
+                              ({"role": "assistant"}, r"chosen\[0\]\.content': missing"),
+                              ({"role": "assistant", "content": " ", "reasoning_content": ""}, "empty completion"),
+                              ({"role": "gpt", "content": "hi ."}, "starts with a 'gpt' message")):
+        with pytest.raises(PreferenceDataError, match=fragment):
+            normalize_row({**ROW, "chosen": [message]}, "f line 3")

@@ -79,12 +79,21 @@ def _check_messages(value: Any, where: str, field: str) -> Messages:
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise _bad(where, f"{field}[{i}]", f"expected a message dict, got {type(message).__name__}", "wrong type")
+        calls = bool(message.get("tool_calls"))  # an assistant turn that only calls tools may have no content
         for key in ("role", "content"):
-            if key not in message:
+            if key not in message and not (key == "content" and calls):
                 raise _bad(where, f"{field}[{i}].{key}", "missing", "missing field")
-        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+        if not isinstance(message["role"], str) or not (isinstance(message.get("content"), str)
+                                                        or calls and message.get("content") is None):
             raise _bad(where, f"{field}[{i}]", "'role' and 'content' must be strings", "wrong type")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # every key goes to the chat template as written (tool_calls, reasoning_content, name, tool_call_id, ...), as TRL
+    # passes them; a tool call's missing content is an empty one
+    return [{**m, "content": m.get("content") or ""} for m in value]
+
+
+def _says_something(message: dict[str, Any]) -> bool:
+    """Whether a message has text, or anything besides its role and content (a tool call, reasoning)."""
+    return bool(message["content"].strip()) or any(v for k, v in message.items() if k not in ("role", "content"))
 
 
 def common_prefix_length(a: list, b: list) -> int:
@@ -153,10 +162,13 @@ def normalize_row(row: dict[str, Any], where: str) -> PreferencePair:
         if prompt is None:
             prompt, chosen, rejected = _split_text(chosen, rejected)
     for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list) and value[0]["role"] != "assistant":  # the generation prompt opens that turn
+            raise _bad(where, field, f"the completion starts with a {value[0]['role']!r} message; it must start "
+                       "with an 'assistant' one", "wrong role")
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
         if chosen == rejected:
             break  # reported as an identical pair, not as an empty completion
-        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
-        if not text.strip():
+        if not (value.strip() if isinstance(value, str) else any(_says_something(m) for m in value)):
             raise _bad(where, field, "empty completion", "empty completion")
     unfinished = {}
     for field in ("chosen_unfinished", "rejected_unfinished"):
