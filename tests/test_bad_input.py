@@ -28,7 +28,7 @@ def _msgs(system, answer):
 
 # (kind, the bad line, the field the message names or None, a fragment of the message)
 BAD_LINES = [
-    ("malformed JSON", b'{"prompt": "hi", "chosen": "a"', None, "malformed JSON at column"),
+    ("malformed JSON", b'{"prompt": "hi", "chosen": "a"', None, "malformed JSON at column 31"),  # where it ends
     ("not UTF-8", b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', None, "not valid UTF-8"),
     ("not an object", b'["hi", "a", "b"]', None, "expected an object with 'chosen' and 'rejected', got list"),
     ("missing field", b'{"prompt": "hi", "chosen": "a"}', "rejected", "missing (fields present: ['chosen', 'prompt'])"),
@@ -124,6 +124,15 @@ def test_empty_file_is_an_error_under_either_policy(tmp_path, tok):
     for policy in ("error", "skip"):
         with pytest.raises(PreferenceDataError, match="empty.jsonl: no rows"):
             tokenize_rows(path, "train", tok, 64, 32, on_bad_row=policy)
+
+
+def test_a_validation_fraction_that_leaves_no_training_row_is_named(tmp_path, tiny_model_dir):
+    path = _write(tmp_path / "one.jsonl", GOOD[:1])
+    dm = PreferenceDataModule(train_path=path, tokenizer_name_or_path=tiny_model_dir, cache_dir=None, val_fraction=0.1)
+    with pytest.raises(PreferenceDataError, match=r"one.jsonl: data.val_fraction 0.1 holds out 1 of its 1 rows"):
+        dm.setup("fit")
+    dm.setup("validate")  # validation alone takes the row
+    assert len(dm.val_pairs) == 1
 
 
 def test_datamodule_skip_policy_and_its_own_cache_entry(tmp_path, tiny_model_dir):

@@ -114,11 +114,11 @@ def test_null_and_nan_cells_of_parquet_and_csv_name_row_and_field(tmp_path, tiny
                       "rejected": [r for _, _, r in PAIRS]})
     parquet = tmp_path / "pairs.parquet"
     pq.write_table(table, parquet)
-    with pytest.raises(PreferenceDataError, match=rf"{parquet} row 0: field 'chosen': no value \(null"):
+    with pytest.raises(PreferenceDataError, match=rf"{parquet} row 1: field 'chosen': no value \(null"):
         tokenize_rows(str(parquet), "train", load_tokenizer(tiny_model_dir), 128, 64)
     csv = tmp_path / "pairs.csv"
     csv.write_text("prompt,chosen,rejected\nhi,hello,\nwho are you ?,i am deep smol .,i am smollm .\n")
-    with pytest.raises(PreferenceDataError, match=rf"{csv} row 0: field 'rejected': no value"):
+    with pytest.raises(PreferenceDataError, match=rf"{csv} row 1: field 'rejected': no value"):
         tokenize_rows(str(csv), "train", load_tokenizer(tiny_model_dir), 128, 64)
     pairs, counts = tokenize_rows(str(csv), "train", load_tokenizer(tiny_model_dir), 128, 64, on_bad_row="skip")
     assert len(pairs) == 1 and counts["dropped: bad row, missing field"] == 1
@@ -147,6 +147,21 @@ def test_paths_that_are_not_data(read, tmp_path):
     empty.write_bytes(gzip.compress(b"\n\n"))
     with pytest.raises(PreferenceDataError, match="no rows"):
         read(str(empty))
+    text = tmp_path / "pairs.txt"  # a local file of another kind is not looked up on the Hub
+    text.write_text(TEXT)
+    with pytest.raises(PreferenceDataError, match=r"pairs.txt: not a kind of file read here; give JSON Lines"):
+        read(str(text))
+
+
+def test_rows_of_arrays_and_tables_count_from_one(tmp_path, tiny_model_dir):
+    bad = [ROWS[0], {"prompt": "hi", "chosen": "a"}]  # the second row lacks 'rejected'
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(bad))
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt,chosen,rejected\nhi,hello,hey\nwho,me,\n")
+    for path in (array, csv):
+        with pytest.raises(PreferenceDataError, match=rf"{path.name} row 2: field 'rejected'"):
+            tokenize_rows(str(path), "train", load_tokenizer(tiny_model_dir), 128, 64)
 
 
 

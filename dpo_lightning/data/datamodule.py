@@ -190,6 +190,10 @@ class PreferenceDataModule(LightningDataModule):
         order = list(range(n))
         random.Random(self.hparams.split_seed).shuffle(order)
         n_val = max(1, round(n * self.hparams.val_fraction))
+        if part == "train" and n_val >= n:
+            raise PreferenceDataError(f"{self.hparams.train_path}: data.val_fraction {self.hparams.val_fraction} "
+                                      f"holds out {n_val} of its {n} rows for validation, leaving none to train on; "
+                                      "set data.val_fraction 0 or give data.val_path")
         return np.sort(np.asarray(order[:n_val] if part == "val" else order[n_val:], dtype=np.int64))
 
     def prepare_data(self) -> None:

@@ -64,7 +64,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes, str]]:
 def parse_json_line(raw: bytes, where: str, encoding: str = "UTF-8") -> Any:
     """One JSON Lines line, or a :class:`PreferenceDataError` of kind ``not UTF-8`` or ``malformed JSON``."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8").rstrip("\r\n"))  # so that an error's column is on this line
     except UnicodeDecodeError as e:
         raise PreferenceDataError(f"{where}: not valid {encoding} (byte {e.start} of the line)", "not UTF-8") from None
     except json.JSONDecodeError as e:
@@ -114,7 +114,7 @@ def _read_json(path: str, on_bad_row: BadRowPolicy) -> Iterator[tuple[str, Any]]
     if not is_json_array(path):
         yield from _read_json_lines(path, on_bad_row)
         return
-    for i, row in enumerate(read_json_array(path)):
+    for i, row in enumerate(read_json_array(path), start=1):  # rows count from 1, as JSON Lines lines do
         yield f"{path} row {i}", row
 
 
@@ -144,6 +144,9 @@ def table_dataset(path: str, split: str) -> Any:
         return datasets.Dataset.from_csv(path)
     if stem.endswith(".arrow"):
         return datasets.Dataset.from_file(path)
+    if os.path.isfile(path):
+        raise PreferenceDataError(f"{path}: not a kind of file read here; give JSON Lines or JSON (.jsonl, .json), "
+                                  ".parquet, .csv or .arrow, plain or compressed (.gz, .bz2, .xz, .zst)")
     return datasets.load_dataset(path, split=split)  # a data set on the Hugging Face Hub (or a loading script)
 
 
@@ -178,7 +181,8 @@ def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error
         if split_compression(path)[0].endswith(JSON_SUFFIXES):
             rows = list(_read_json(path, on_bad_row))
         else:
-            rows = [(f"{path} row {i}", row) for i, row in enumerate(table_dataset(path, split))]
+            # rows count from 1, a CSV file's header not counted
+            rows = [(f"{path} row {i}", row) for i, row in enumerate(table_dataset(path, split), start=1)]
     if not rows:
         raise PreferenceDataError(f"{path}: no rows")
     return rows

@@ -3,9 +3,9 @@
 * JSON Lines files (``reading.py`` handles byte-order marks, UTF-16 and compression) become a table of
   ``(__line, __json)``: each non-blank line's number and its bytes, unparsed, so that parsing runs in the ``map``
   workers and a bad line is reported there with its line number. A JSON array becomes one row per element,
-  numbered by its index.
+  numbered from 1.
 * Parquet, CSV, Arrow files, ``save_to_disk`` directories and hub data sets are read by ``datasets`` as they are;
-  a row is named by its index.
+  a row is named by its number from 1 (a CSV file's header not counted).
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ class RawSource:
     encoding: str = "UTF-8"
 
     def where(self, number: int) -> str:
-        return f"{self.path} {self.unit} {number}"
+        """A row's name from its ``__line`` (JSON files), or from its index in the table (columns)."""
+        return f"{self.path} {self.unit} {number if self.json_rows else number + 1}"
 
 
 def _json_records(path: str, array: bool) -> Iterator[tuple[int, bytes, str]]:
     """``(line or index, JSON bytes, encoding)`` per row of a JSON Lines file or (``array``) a JSON array."""
     if array:
-        for index, row in enumerate(read_json_array(path)):
-            yield index, json.dumps(row).encode(), "UTF-8"
+        for number, row in enumerate(read_json_array(path), start=1):
+            yield number, json.dumps(row).encode(), "UTF-8"
         return
     for lineno, raw, encoding in iter_lines(path):
         if raw.strip():
