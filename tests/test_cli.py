@@ -76,6 +76,17 @@ def test_help_shows_every_setting_with_its_doc():
         assert doc in proc.stdout, doc
 
 
+def test_a_problem_with_the_input_is_one_line_and_the_traceback_on_request(tiny_model_dir, tmp_path):
+    args = fit_args(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
+    for extra, traceback in (({}, False), ({"DPO_LIGHTNING_TRACEBACK": "1"}, True)):
+        proc = subprocess.run([sys.executable, "-m", "dpo_lightning", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT, **extra}, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-2 if not traceback else -1]
+        assert last.endswith(f"{tmp_path / 'missing.jsonl'}: file not found")
+        assert last.startswith("error: ") != traceback and ("Traceback" in proc.stderr) == traceback
+
+
 @pytest.mark.parametrize("config", sorted(c for c in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
                                            if not c.endswith("_fsdp.yaml")  # FSDP overlays: test_fsdp.py
                                            and not os.path.basename(c).startswith("iterate_")))  # test_iterate.py
