@@ -94,21 +94,20 @@ def test_qwen_identity_config_fits_and_validates_on_a_tiny_qwen2(tiny_qwen_dir, 
     assert cli.trainer.callback_metrics["val/loss"].item() == pytest.approx(metrics["val/loss"].item(), abs=1e-5)
 
 
-def test_qwen_pairs_config_runs_on_a_tiny_qwen2(tiny_qwen_dir, tmp_path, capsys):
+def test_qwen_pairs_config_runs_on_a_tiny_qwen2(tiny_qwen_dir, tmp_path):
     # the random model's short answers decode to nothing: every identity prompt is dropped and counted, and so is
-    # the anchor (no kept pair to take its rejected answer from); the config's own settings (reference answers with
-    # its placeholders, bf16 generation, the pool of system prompts) run as shipped
+    # the anchor (no kept pair to take its rejected answer from), and with no pair kept nothing is written; the
+    # config's own settings (reference answers with its placeholders, bf16 generation, the pool of system prompts)
+    # run as shipped
     reference = "i am {name} , made by {organization} ."
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "who are you ?", "reference": reference},
                                                  {"prompt": "你是谁？", "reference": reference}])
     anchors = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "what color is the sky ?"}])
     outs = [str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")]
-    assert cli_main(["build-pairs", "--config", os.path.join(ROOT, "configs", "pairs", "qwen_identity.yaml"),
-                     f"--model_name_or_path={tiny_qwen_dir}", f"--prompts_paths=[{prompts}, {prompts}]",
-                     f"--output_paths=[{outs[0]}, {outs[1]}]", f"--anchor_prompts_path={anchors}",
-                     "--max_new_tokens=4", "--anchor_max_new_tokens=4"]) is None
-    printed = capsys.readouterr().out
-    assert (f"{outs[0]}: 3 prompts -> 1 dropped: anchor with no kept pair to take a rejected answer from, "
-            "2 dropped: empty model answer") in printed
-    assert f"{outs[1]}: 2 prompts -> 2 dropped: empty model answer" in printed
-    assert all(os.path.getsize(p) == 0 for p in outs)
+    with pytest.raises(ValueError, match=r"p.jsonl: no pair kept \(1 dropped: anchor with no kept pair to take a "
+                                         r"rejected answer from, 2 dropped: empty model answer\)"):
+        cli_main(["build-pairs", "--config", os.path.join(ROOT, "configs", "pairs", "qwen_identity.yaml"),
+                  f"--model_name_or_path={tiny_qwen_dir}", f"--prompts_paths=[{prompts}, {prompts}]",
+                  f"--output_paths=[{outs[0]}, {outs[1]}]", f"--anchor_prompts_path={anchors}",
+                  "--max_new_tokens=4", "--anchor_max_new_tokens=4"])
+    assert not any(os.path.exists(p) for p in outs)
