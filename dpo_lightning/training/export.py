@@ -35,8 +35,11 @@ class HFExport(Callback):
         return self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.enabled and trainer.is_global_zero:  # refuse a directory the export would destroy before training
-            check_export_target(self._dirpath(trainer), [pl_module.hparams.get("model_name_or_path")])
+        if not self.enabled:
+            return
+        # refuse a directory the export would destroy before training; every rank checks (trainer.log_dir is a
+        # broadcast), so that all of them stop together
+        check_export_target(self._dirpath(trainer), [pl_module.hparams.get("model_name_or_path")])
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
