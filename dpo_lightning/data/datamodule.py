@@ -273,8 +273,9 @@ class PreferenceDataModule(LightningDataModule):
             order, sizes = self.train_sampler.global_order(0)[rank::world], hp.batch_size
             loader_batching = {"batch_size": hp.batch_size}
         plain, shared = (padding_fraction(order, prompt, chosen, rejected, sizes, s) for s in (False, True))
-        rank_zero_info(f"[dpo_lightning] train batches: {plain:.1%} of token slots are padding, {shared:.1%} with "
-                       f"prefix sharing (data.group_by_length: {str(hp.group_by_length).lower()})")
+        rank_zero_info(f"[dpo_lightning] train batches: {plain:.1%} of token slots are padding in the plain layout, "
+                       f"{shared:.1%} in the prefix-shared one (data.group_by_length: "
+                       f"{str(hp.group_by_length).lower()})")
         return ResumableDataLoader(self.train_pairs, sampler=self.train_sampler, collate_fn=self.collator,
                                    num_workers=hp.num_workers, start_epoch=self._start_epoch, **loader_batching)
 
