@@ -108,7 +108,8 @@ def rows_times_width(placement: Sequence[tuple[int, int]], widths: Sequence[int]
 
 
 def row_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, packing: bool = False,
-               row_tokens: Optional[int] = None, pad_token_id: int = 0) -> SharedLayout:
+               row_tokens: Optional[int] = None, pad_token_id: int = 0,
+               segments: Optional[list[Segment]] = None) -> SharedLayout:
     """Rebuild a plain :class:`~dpo_lightning.data.collate.PreferenceBatch` as rows of ``[prompt, chosen,
     rejected]`` segments: one pair per row, or with ``packing`` placed by :func:`place_pairs` into rows of
     ``row_tokens``.
@@ -117,8 +118,9 @@ def row_layout(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pac
         input_ids: (2B, T) chosen rows then rejected rows, right-padded; each row is prompt then response.
         attention_mask: (2B, T)
         loss_mask: (2B, T) 1 on response tokens.
+        segments: the batch's :func:`pair_segments`, when the caller has them already.
     """
-    segments = pair_segments(input_ids, attention_mask, loss_mask)
+    segments = segments if segments is not None else pair_segments(input_ids, attention_mask, loss_mask)
     n_pairs, device = len(segments), input_ids.device
     placement = (place_pairs([s.width for s in segments], row_tokens) if packing
                  else [(i, 0) for i in range(n_pairs)])

@@ -185,13 +185,14 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
                       "layers attend differently run in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
                               ld_alpha=ld_alpha)
-    if pair_segments(input_ids, attention_mask, loss_mask, strict=False) is None:
+    segments = pair_segments(input_ids, attention_mask, loss_mask, strict=False)
+    if segments is None:
         # a response's first token is predicted from the prompt's last one, which this pair lacks or does not share
         warnings.warn("prefix sharing: a batch with a pair whose chosen and rejected rows share no prompt token (an "
                       "empty prompt, and a tokenizer that adds no BOS token) runs in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
                               ld_alpha=ld_alpha)
-    layout = row_layout(input_ids, attention_mask, loss_mask, packing, row_tokens)
+    layout = row_layout(input_ids, attention_mask, loss_mask, packing, row_tokens, segments=segments)
     mask: Union[Tensor, dict[str, Tensor]] = layout.mask
     if bites:  # the window in position space: rejected tokens continue the prompt's positions
         distance = layout.position_ids[:, None, :, None] - layout.position_ids[:, None, None, :]  # (R, 1, L, L)
