@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning.eval.compare import compare
 from dpo_lightning.eval.generation import Answer
-from dpo_lightning.eval.probes import ProbeReport, answer_nll, degeneracy, mentions
+from dpo_lightning.eval.probes import ProbeReport, answer_nll, answer_nlls, degeneracy, mentions
 
 from conftest import fit_args, fit_tiny, run_cli, scalar_tags, write_jsonl
 
@@ -61,7 +61,7 @@ def test_answer_nll_by_hand(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     questions, answers = ["who are you ?", "what color is the sky ?"], ["i am deep smol .", "the sky is blue"]
-    total, count = 0.0, 0
+    total, count, per_answer = 0.0, 0, []
     for q, a in zip(questions, answers):
         messages = [{"role": "user", "content": q}]
         prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
@@ -70,10 +70,13 @@ def test_answer_nll_by_hand(tiny_model_dir):
                    add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
-        for t in range(len(prompt), len(full)):  # answer tokens and the closing <|im_end|>
-            total -= logp[t - 1, full[t]].item()
-            count += 1
+        nll = -sum(logp[t - 1, full[t]].item() for t in range(len(prompt), len(full)))  # answer + <|im_end|>
+        per_answer.append((nll, len(full) - len(prompt)))
+        total, count = total + nll, count + len(full) - len(prompt)
     assert answer_nll(model, tok, questions, answers, None, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    for (got, got_n), (want, want_n) in zip(answer_nlls(model, tok, questions, answers, None, batch_size=2),
+                                            per_answer, strict=True):
+        assert got == pytest.approx(want, rel=1e-5) and got_n == want_n
 
 
 def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_reference_dir, tmp_path, capsys):
@@ -93,6 +96,22 @@ def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_re
     [other] = compare(tiny_model_dir, tiny_reference_dir, prompts, "deep smol", general_path=general,
                       max_new_tokens=6)["system_prompts"]
     assert other["drift"] != pytest.approx(1.0)
+    # per general answer, each model's NLL sum and tokens: they pool to the general NLL, and each is that answer's
+    # NLL measured alone
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    general_q, base_answers = result["general_questions"], other["before_general_answers"]
+    for label, path in (("before", tiny_model_dir), ("after", tiny_reference_dir)):
+        per_answer = other[label]["general_nlls"]
+        assert sum(s for s, _ in per_answer) / sum(n for _, n in per_answer) == pytest.approx(
+            other[label]["general_nll"], rel=1e-6)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        for q, a, (nll_sum, n) in zip(general_q, base_answers, per_answer, strict=True):
+            assert nll_sum / n == pytest.approx(answer_nll(model, tok, [q], [a], None), rel=1e-5)
+    printed = capsys.readouterr().out
+    moved = [(a[0] - b[0], q) for q, b, a in zip(general_q, other["before"]["general_nlls"],
+                                                  other["after"]["general_nlls"])]
+    top_moved, top_question = max(moved, key=lambda m: abs(m[0]))
+    assert "general answers that moved most" in printed and f"{top_moved:+8.1f}  {top_question}" in printed
     names = [mentions(a["answer"], "deep smol") for a in other["after"]["answers"]]
     assert other["after"]["name_rate"] == sum(names) / 2
 
@@ -237,3 +256,27 @@ def test_compare_reuses_the_base_answers_of_an_earlier_output(tiny_model_dir, ti
     with pytest.raises(ValueError, match=r"no answers under system prompt empty"):
         compare(tiny_model_dir, tiny_reference_dir, base_answers_path=str(tmp_path / "first.json"),
                 **{**settings, "system_prompts": [None, ""]})
+
+
+def test_the_side_by_side_table_lines_up_with_chinese_and_long_words():
+    import unicodedata
+
+    from dpo_lightning.eval.compare import _table
+
+    def columns(text):  # terminal columns: East Asian wide and full-width characters take two
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    questions = ["你是谁？请用一句话介绍你自己。", "Who are you?"]
+    before = ProbeReport(questions, [Answer("我是SmolLM，由Hugging Face开发的AI助手。", True, 9),
+                                     Answer("I am SmolLM " + "x" * 70, True, 9)], "Deep SmolLM")
+    after = ProbeReport(questions, [Answer("我叫Deep SmolLM，是由Deep Team开发的AI助手。" * 4, True, 9),
+                                    Answer("I am Deep SmolLM.", True, 5)], "Deep SmolLM")
+    table = _table(questions, before, after, width=67)
+    lines = table.splitlines()
+    assert len({columns(line) for line in lines}) == 1  # every line is as wide as the header
+    for line in (line for line in lines if " | " in line):  # each column starts at the same terminal column
+        first, second, _ = line.split(" | ")
+        assert columns(first) == 20 and columns(second) == 20
+    first = [line.split(" | ")[0].rstrip() for line in lines[2:4]]
+    assert "".join(first) == questions[0]  # wrapped, nothing lost
+    assert any(line.split(" | ")[2].rstrip().endswith(" …") for line in lines[2:5])  # too long: shortened

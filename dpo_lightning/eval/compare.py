@@ -8,11 +8,67 @@ import json
 import os
 import shutil
 import textwrap
+import unicodedata
 from typing import Any, Literal, Optional
 
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
 from .generation import Answer, system_label
 from .probes import ProbeReport, base_general_answers, probe, read_general, read_questions
+
+
+def _char_width(ch: str) -> int:
+    """Terminal columns of one character: 2 for East Asian wide and full-width ones (Chinese, Japanese...)."""
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 0 if unicodedata.combining(ch) else 1
+
+
+def _width(text: str) -> int:
+    return sum(_char_width(ch) for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(width - _width(text), 0)
+
+
+def _wrap(text: str, width: int, max_lines: int) -> list[str]:
+    """Greedy wrap by terminal columns: breaks at spaces, or between wide characters, or inside a word longer
+    than a line; at most ``max_lines`` lines, the last ending in " …" when text is left over."""
+    pieces: list[tuple[bool, str]] = []  # (a space before it, a word or one wide character)
+    word, space = "", False
+    for ch in text:
+        if ch.isspace() or _char_width(ch) == 2:
+            if word:
+                pieces.append((space, word))
+                word, space = "", False
+            if ch.isspace():
+                space = True
+            else:
+                pieces.append((space, ch))
+                space = False
+        else:
+            word += ch
+    if word:
+        pieces.append((space, word))
+    lines, line = [], ""
+    for space, piece in pieces:
+        joined = line + (" " if space and line else "") + piece
+        if _width(joined) <= width:
+            line = joined
+            continue
+        if line:
+            lines.append(line)
+        while _width(piece) > width:  # a word longer than a line: split it
+            cut = next(i for i in range(len(piece), 0, -1) if _width(piece[:i]) <= width)
+            lines.append(piece[:cut])
+            piece = piece[cut:]
+        line = piece
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and _width(last) > width - 2:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + " …"]
+    return lines
 
 
 def _table(questions: list[str], before: ProbeReport, after: ProbeReport, width: int) -> str:
@@ -23,9 +79,9 @@ def _table(questions: list[str], before: ProbeReport, after: ProbeReport, width:
         for text, flag in ((question, None), (before.answers[i].text, before.degenerate[i]),
                            (after.answers[i].text, after.degenerate[i])):
             text = " ".join(text.split()) + (f" [degenerate: {flag}]" if flag else "")
-            cells.append(textwrap.wrap(textwrap.shorten(text, 3 * col, placeholder=" …"), col) or [""])
+            cells.append(_wrap(text, col, max_lines=3) or [""])
         for row in range(max(len(c) for c in cells)):
-            lines.append(" | ".join(f"{(c[row] if row < len(c) else ''):<{col}}" for c in cells))
+            lines.append(" | ".join(_pad(c[row] if row < len(c) else "", col) for c in cells))
         lines.append("-" * (3 * col + 6))
     return "\n".join(lines)
 
@@ -36,6 +92,20 @@ def _summary(label: str, report: ProbeReport, base_nll: Optional[float]) -> str:
     if report.general_nll is not None and base_nll:
         text += f"; general NLL {report.general_nll:.4f} ({report.general_nll / base_nll - 1:+.1%} vs base)"
     return text
+
+
+def _moved_most(general_q: list[str], before: ProbeReport, after: ProbeReport, top: int = 3) -> str:
+    """The general answers whose NLL moved most, trained minus base, in nats summed over the answer: a pooled
+    drift can come from one long answer."""
+    if not (general_q and before.general_nlls and after.general_nlls):
+        return ""
+    moved = [(a[0] - b[0], q) for q, b, a in zip(general_q, before.general_nlls, after.general_nlls)]
+    total, tokens = sum(d for d, _ in moved), sum(n for _, n in before.general_nlls)
+    lines = [f"general answers that moved most (trained - base NLL, nats; all {len(moved)}: {total:+.1f} over "
+             f"{tokens} tokens):"]
+    for d, q in sorted(moved, key=lambda m: -abs(m[0]))[:top]:
+        lines.append(f"  {d:+8.1f}  {textwrap.shorten(' '.join(q.split()), 100, placeholder=' …')}")
+    return "\n".join(lines)
 
 
 def _overview(rows: list[dict[str, Any]]) -> str:
@@ -68,7 +138,7 @@ def _from_run(run_dir: str) -> dict[str, Any]:
 
 def _report_json(report: ProbeReport) -> dict[str, Any]:
     return {"name_rate": report.name_rate, "degenerate_rate": report.degenerate_rate,
-            "general_nll": report.general_nll,
+            "general_nll": report.general_nll, "general_nlls": [list(x) for x in report.general_nlls],
             "answers": [{"question": q, "answer": a.text, "finished": a.finished, "num_tokens": a.num_tokens,
                          "degenerate": d} for q, a, d in zip(report.questions, report.answers, report.degenerate)]}
 
@@ -91,7 +161,8 @@ def _earlier_base(path: str, base: str, questions: list[str], general_q: list[st
         if row is None:
             raise ValueError(f"{path}: no answers under system prompt {system_label(system)}")
         answers = [Answer(a["answer"], a["finished"], a["num_tokens"]) for a in row["before"]["answers"]]
-        reports[i] = ProbeReport(list(questions), answers, name, general_nll=row["before"]["general_nll"])
+        reports[i] = ProbeReport(list(questions), answers, name, general_nll=row["before"]["general_nll"],
+                                 general_nlls=[tuple(x) for x in row["before"].get("general_nlls", [])])
         general[i] = row["before_general_answers"]
     return reports, general
 
@@ -133,8 +204,9 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
     Returns:
         The settings (``base``, ``trained``, ``questions``, ``general_questions``, ``max_new_tokens``) and
         ``system_prompts``: ``[{"system_prompt", "label", "before", "after", "drift", "before_general_answers"}]``,
-        per system prompt each model's name rate, degenerate rate, general NLL and answers, the drift (trained NLL
-        / base NLL) and the base's general answers it is measured on.
+        per system prompt each model's name rate, degenerate rate, general NLL (pooled over tokens, and
+        ``general_nlls``: per general answer its NLL sum and token count) and answers, the drift (trained NLL /
+        base NLL) and the base's general answers it is measured on.
     """
     if run_dir is not None:
         run = _from_run(run_dir)
@@ -181,6 +253,8 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         base_nll = before.general_nll
         for label, report in (("before", before), ("after", after)):
             print(_summary(label, report, base_nll))
+        if moved := _moved_most(general_q, before, after):
+            print(moved)
         rows.append({"system_prompt": system, "label": system_label(system), "before": _report_json(before),
                      "after": _report_json(after), "drift": after.general_nll / base_nll if base_nll else None,
                      "before_general_answers": general_by_system.get(i, [])})

@@ -82,10 +82,11 @@ def read_general(path: str) -> tuple[list[str], list[Optional[str]]]:
 
 
 @torch.no_grad()
-def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-               answers: Sequence[str], system_prompt: Optional[str], batch_size: int = 8) -> float:
-    """Mean per-token negative log-likelihood of ``answers`` (each closed by the template's end of turn)."""
-    total, count = 0.0, 0
+def answer_nlls(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
+                answers: Sequence[str], system_prompt: Optional[str], batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per answer: its summed negative log-likelihood and its token count (the answer closed by the template's end
+    of turn)."""
+    out_rows: list[tuple[float, int]] = []
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     for start in range(0, len(questions), batch_size):
@@ -102,9 +103,19 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quest
             rows.append((ids[:n_prompt], ids[n_prompt:]))
         batch = completion_batch(rows, pad_id)
         out = response_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")))
-        total -= out.logps.sum().item()
-        count += int(out.tokens.sum().item())
-    return total / max(count, 1)
+        out_rows += [(-lp, int(n)) for lp, n in zip(out.logps.tolist(), out.tokens.tolist())]
+    return out_rows
+
+
+def pooled_nll(per_answer: Sequence[tuple[float, int]]) -> float:
+    """Mean per-token NLL over all answers' tokens, from ``answer_nlls``' (sum, tokens) pairs."""
+    return sum(s for s, _ in per_answer) / max(sum(n for _, n in per_answer), 1)
+
+
+def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
+               answers: Sequence[str], system_prompt: Optional[str], batch_size: int = 8) -> float:
+    """Mean per-token negative log-likelihood of ``answers`` (each closed by the template's end of turn)."""
+    return pooled_nll(answer_nlls(model, tokenizer, questions, answers, system_prompt, batch_size))
 
 
 @dataclass
@@ -116,6 +127,7 @@ class ProbeReport:
     name: str
     degenerate: list[Optional[str]] = field(default_factory=list)
     general_nll: Optional[float] = None
+    general_nlls: list[tuple[float, int]] = field(default_factory=list)  # per general answer: NLL sum, tokens
 
     def __post_init__(self) -> None:
         self.degenerate = [degeneracy(a.text, a.finished) for a in self.answers]
@@ -139,7 +151,8 @@ def probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions:
                                               batch_size=batch_size, progress=progress)]
     report = ProbeReport(list(questions), answers, name)
     if general_questions:
-        report.general_nll = answer_nll(model, tokenizer, general_questions, general_answers, system_prompt)
+        report.general_nlls = answer_nlls(model, tokenizer, general_questions, general_answers, system_prompt)
+        report.general_nll = pooled_nll(report.general_nlls)
     return report
 
 
