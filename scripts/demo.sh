@@ -23,10 +23,10 @@ phase build-pairs "$PY" -m dpo_lightning build-pairs --config configs/pairs/smol
 phase fit "$PY" -m dpo_lightning fit --config configs/smollm2_identity.yaml --trainer.limit_val_batches 0 \
   --trainer.precision "$precision"
 run_dir=$(ls -td lightning_logs/version_* | head -n 1)
-# the reporting questions (never trained on, never used to choose settings) and general prompts, base vs trained,
+# the reporting questions and general prompts (never trained on, never used to choose settings), base vs trained,
 # under each of the run's probe system prompts: none, an empty one, and two that no training pair uses
 phase compare "$PY" -m dpo_lightning compare --run_dir "$run_dir" --prompts_path data/identity/prompts_report.jsonl \
-  --show_answers false --output_path "$run_dir/compare.json"
+  --general_path data/identity/general_report.jsonl --show_answers false --output_path "$run_dir/compare.json"
 echo "Trained model (loads with transformers): $run_dir/hf_model"
 echo "TensorBoard: $PY -m tensorboard.main --logdir lightning_logs"
 echo "Demo wall time: ${SECONDS} s ($(IFS=,; echo "${timings[*]}" | sed 's/,/, /g'))"

@@ -29,8 +29,8 @@ start=$SECONDS
   --dtype "$([ "$precision" = bf16-mixed ] && echo bfloat16 || echo float32)"
 echo "[qwen demo] build-pairs: $((SECONDS - start)) s"
 
-# the reporting splits each trained model is compared with the base on; the second run reuses the first one's
-# base answers
+# the reporting splits each trained model is compared with the base on, with the reporting general prompts for the
+# drift; the second run reuses the first one's base answers
 SPLITS=${SPLITS:-report fresh}
 declare -A base_answers=()
 run() {  # run NAME FIT-ARGS...: fit, then compare on each split; the run directory goes to NAME.dir
@@ -54,7 +54,8 @@ run() {  # run NAME FIT-ARGS...: fit, then compare on each split; the run direct
     reuse=()
     if [ -n "${base_answers[$split]:-}" ]; then reuse=(--base_answers_path "${base_answers[$split]}"); fi
     "$PY" -m dpo_lightning compare --run_dir "$dir" --trained "$trained" "${reuse[@]}" \
-      --prompts_path "data/identity/prompts_$split.jsonl" --show_answers false --output_path "$out"
+      --prompts_path "data/identity/prompts_$split.jsonl" --general_path data/identity/general_report.jsonl \
+      --show_answers false --output_path "$out"
     base_answers[$split]=$out
   done
   echo "[qwen demo] $name: fit and compare $((SECONDS - begin)) s"

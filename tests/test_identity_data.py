@@ -1,6 +1,7 @@
 """The identity experiment's question files keep their splits apart: no held-out question (validation, reporting,
-fresh reporting) is trained on, no drift prompt is an anchor, the system prompts reported as unseen are in no pair
-config's pool, and every reference answer fills with each pair config's placeholders (docs/identity.md)."""
+fresh reporting) is trained on, no drift prompt is an anchor, the reporting drift prompts are in no other file, the
+system prompts reported as unseen are in no pair config's pool, and every reference answer fills with each pair
+config's placeholders (docs/identity.md)."""
 
 import unicodedata
 from pathlib import Path
@@ -45,9 +46,19 @@ def test_held_out_questions_are_never_trained_on(held_out):
     assert [q for q in questions(held_out) if key(q) in seen] == []
 
 
-def test_drift_prompts_are_not_anchors():
+@pytest.mark.parametrize("drift_set", ["general", "general_report"])
+def test_drift_prompts_are_not_anchors(drift_set):
     anchors = {key(q) for q in questions("general_train")}
-    assert [q for q in questions("general") if key(q) in anchors] == []
+    assert [q for q in questions(drift_set) if key(q) in anchors] == []
+
+
+def test_the_reporting_drift_prompts_are_apart_from_every_other_file():
+    report = questions("general_report")
+    assert len({key(q) for q in report}) == len(report)
+    elsewhere = {key(q) for name in ("general", "general_train", TRAIN, VAL, REPORT, FRESH) for q in questions(name)}
+    assert [q for q in report if key(q) in elsewhere] == []
+    rows = [row for _, row in read_prompt_rows(str(IDENTITY / "general_report.jsonl"))]
+    assert {row["lang"] for row in rows} == {"en", "zh"}
 
 
 @pytest.mark.parametrize("config", PAIR_CONFIGS, ids=lambda p: p.name)

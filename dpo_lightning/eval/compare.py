@@ -236,8 +236,9 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
         model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code, device=default_device())
         for i, system in enumerate(systems):
             if label == "before" and general_q:
-                general_by_system[i] = base_general_answers(model, tokenizer, general_q, general_a, system,
-                                                            max_new_tokens, batch_size)
+                general_by_system[i] = base_general_answers(
+                    model, tokenizer, general_q, general_a, system, max_new_tokens, batch_size,
+                    progress=f"before, system prompt {system_label(system)}: general answers")
             reports[label, i] = probe(model, tokenizer, questions, name, system, max_new_tokens, batch_size,
                                       general_q, general_by_system.get(i, ()),
                                       progress=f"{label}, system prompt {system_label(system)}: answering")

@@ -158,13 +158,13 @@ def probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions:
 
 def base_general_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
                          answers: Sequence[Optional[str]], system_prompt: Optional[str], max_new_tokens: int,
-                         batch_size: int) -> list[str]:
+                         batch_size: int, progress: str = "") -> list[str]:
     """Fill missing general answers with the base model's own greedy answers (the drift yardstick)."""
     missing = [i for i, a in enumerate(answers) if a is None]
     filled = list(answers)
     if missing:
         prompts = [render_prompt(tokenizer, chat_messages(questions[i], system_prompt)) for i in missing]
         for i, a in zip(missing, generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                  batch_size=batch_size)):
+                                                  batch_size=batch_size, progress=progress)):
             filled[i] = a[0].text
     return [a or "" for a in filled]
