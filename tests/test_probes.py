@@ -261,7 +261,7 @@ def test_compare_reuses_the_base_answers_of_an_earlier_output(tiny_model_dir, ti
 def test_the_side_by_side_table_lines_up_with_chinese_and_long_words():
     import unicodedata
 
-    from dpo_lightning.eval.compare import _table
+    from dpo_lightning.eval.compare import _overview, _table
 
     def columns(text):  # terminal columns: East Asian wide and full-width characters take two
         return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
@@ -280,3 +280,7 @@ def test_the_side_by_side_table_lines_up_with_chinese_and_long_words():
     first = [line.split(" | ")[0].rstrip() for line in lines[2:4]]
     assert "".join(first) == questions[0]  # wrapped, nothing lost
     assert any(line.split(" | ")[2].rstrip().endswith(" …") for line in lines[2:5])  # too long: shortened
+    figures = {"name_rate": 0.5, "degenerate_rate": 0.0}
+    overview = _overview([{"label": label, "before": figures, "after": figures, "drift": 1.01}
+                          for label in ("template default", "'你是一个乐于助人的助手。'")])
+    assert len({columns(line.split(" | ")[0]) for line in overview.splitlines() if " | " in line}) == 1

@@ -110,12 +110,12 @@ def _moved_most(general_q: list[str], before: ProbeReport, after: ProbeReport, t
 
 def _overview(rows: list[dict[str, Any]]) -> str:
     """One line per system prompt: named and degenerate before -> after, and drift."""
-    width = max(len("system prompt"), *(len(r["label"]) for r in rows))
+    width = max(len("system prompt"), *(_width(r["label"]) for r in rows))
     lines = [f"{'system prompt':<{width}} | named before -> after | degenerate before -> after | drift",
              "-" * (width + 60)]
     for r in rows:
         drift = f"{r['drift'] - 1:+.1%}" if r.get("drift") is not None else "-"
-        lines.append(f"{r['label']:<{width}} | {r['before']['name_rate']:6.1%} -> {r['after']['name_rate']:6.1%}"
+        lines.append(f"{_pad(r['label'], width)} | {r['before']['name_rate']:6.1%} -> {r['after']['name_rate']:6.1%}"
                      f"       | {r['before']['degenerate_rate']:6.1%} -> {r['after']['degenerate_rate']:6.1%}"
                      f"            | {drift}")
     return "\n".join(lines)
