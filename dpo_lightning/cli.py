@@ -3,6 +3,9 @@ around them (pair building, on-policy rounds, comparison, export, model conversi
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 import sys
 import warnings
 from typing import Callable, Optional
@@ -25,6 +28,7 @@ from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
 from .training.host_memory import keep_freed_memory
 from .training.module import DPOModule
+from .training.settings import CompileSettings, LoraSettings, LossSettings, ReferenceSettings
 from .training.throughput import ThroughputTelemetry
 
 EXTRA_COMMANDS: dict[str, Callable] = {
@@ -69,6 +73,35 @@ class DPOLightningCLI(LightningCLI):
             subcommands.add_subcommand(name, type(parser)(prog=f"{parser.prog} {name}"), help=summary)
 
 
+MODEL_SECTIONS = {"loss": LossSettings, "reference": ReferenceSettings, "lora": LoraSettings,
+                  "compile": CompileSettings}
+
+
+def section_hints(argv: list[str]) -> list[str]:
+    """Where a flat model setting lives: TRL's ``beta`` is ``model.loss.beta`` here. One line per ``--model.X``
+    argument, or ``model: {X: ...}`` key of a ``--config`` file, whose X is no setting of the model but is one of
+    a section of it (``MODEL_SECTIONS``)."""
+    import yaml
+
+    given = [(m.group(1), f"--model.{m.group(1)}") for arg in argv
+             if (m := re.fullmatch(r"--model\.(\w+)(=.*)?", arg))]
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                model = (yaml.safe_load(f) or {}).get("model")
+        except (TypeError, OSError, yaml.YAMLError, AttributeError):
+            continue  # not a readable mapping: the CLI's own parser names the problem
+        given += [(key, f"{path}: model.{key}") for key in (model if isinstance(model, dict) else {})]
+    direct = set(inspect.signature(DPOModule.__init__).parameters)
+    homes = {"reference_name_or_path": ("reference", "model_name_or_path")}  # TRL's ref_model path
+    homes.update({f.name: (section, f.name) for section, settings in MODEL_SECTIONS.items()
+                  for f in dataclasses.fields(settings) if f.name not in direct})
+    return [f"{where}: the {homes[key][0]} settings are a section of the model: model.{'.'.join(homes[key])}"
+            for key, where in given if key in homes and key not in direct]
+
+
 def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     argv = sys.argv[1:] if args is None else list(args)
     if not torch.cuda.is_available():
@@ -76,6 +109,9 @@ def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     if argv and argv[0] in EXTRA_COMMANDS:
         CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
         return None
+    hints = section_hints(argv)
+    if hints:
+        raise ValueError("; ".join(hints))
     # the frozen reference stays in eval mode on purpose; Lightning's generic warning about it is noise
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if torch.cuda.is_available():

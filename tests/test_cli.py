@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_lightning.cli import DPOLightningCLI, cli_main
+from dpo_lightning.cli import DPOLightningCLI, cli_main, section_hints
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.losses import LOSSES
 from dpo_lightning.training.module import DPOModule
@@ -177,3 +177,22 @@ def test_true_bf16_weights_train_and_validate_close_to_fp32(tiny_model_dir, tiny
                       "--trainer.precision=bf16-true", "--trainer.max_steps=3", "--export.enabled=false")
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.trainer.global_step == 3
+
+
+def test_a_flat_model_setting_is_pointed_to_its_section(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("model:\n  model_name_or_path: some/model\n  lora_r: 8\n  reference_name_or_path: ref\n")
+    for args, want in (
+            (["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--model.beta", "0.3",
+              "--model.precompute_ref_log_probs=false"],
+             ["--model.beta: the loss settings are a section of the model: model.loss.beta",
+              "--model.precompute_ref_log_probs: the reference settings are a section of the model: "
+              "model.reference.precompute_ref_log_probs"]),
+            (["-c", str(flat)], [f"{flat}: model.lora_r: the lora settings are a section of the model: "
+                                 "model.lora.lora_r", f"{flat}: model.reference_name_or_path: the reference settings "
+                                 "are a section of the model: model.reference.model_name_or_path"])):
+        proc = subprocess.run([sys.executable, "-m", "dpo_lightning", "fit", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 1 and f"error: {'; '.join(want)}" in proc.stderr
+    for config in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):  # the shipped ones are all sectioned
+        assert section_hints(["fit", "--config", config, "--model.loss.beta=0.1"]) == []
