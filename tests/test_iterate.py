@@ -264,3 +264,22 @@ def test_arithmetic_held_out_problems_are_never_sampled():
     assert len(set(train)) == len(train) == 256 and len(set(held_out)) == len(held_out) == 233
     assert not set(train) & set(held_out)
     assert not train_phrasings & held_out_phrasings and len(held_out_phrasings) == 2
+
+
+def test_a_last_epoch_without_a_logged_step_gives_the_latest_logged_figures(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dpo_lightning.pairs.round_fit import fit_metrics
+    from dpo_lightning.pairs.rounds import write_record
+
+    writer = SummaryWriter(str(tmp_path / "log"))  # as Lightning logs: `epoch` beside each logged step
+    for step, epoch, loss in ((0, 0, 0.9), (1, 0, 0.7), (2, 1, None), (3, 1, None)):  # epoch 1 logged no loss
+        writer.add_scalar("epoch", epoch, step)
+        if loss is not None:
+            writer.add_scalar("train/loss", loss, step)
+    writer.close()
+    assert fit_metrics(str(tmp_path / "log")) == {"train/loss": pytest.approx(0.8)}
+    # a record written by a run that gave NaN is drawn without it, not a crash
+    write_record(str(tmp_path), [{"round": 0, "eval": {"reward_mean": 1.0}},
+                                 {"round": 1, "eval": {"reward_mean": 2.0}, "fit": {"train/loss": math.nan}}])
+    assert os.path.getsize(tmp_path / "rounds.png") > 0

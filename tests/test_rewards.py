@@ -61,6 +61,15 @@ def test_best_and_worst_pair_ties_and_identical_texts():
     assert pick_pair(same) == (None, "dropped: chosen identical to rejected")
 
 
+def test_an_empty_answer_is_never_chosen_nor_rejected():
+    # an empty answer scoring best (a length penalty favours it) or worst is passed over: fit refuses empty completions
+    scored = [Scored(a, r) for a, r in zip(answers("", "a", "b", " \n"), [5.0, 3.0, 1.0, -2.0])]
+    (best, worst), why = pick_pair(scored)
+    assert (best.answer.text, worst.answer.text, why) == ("a", "b", None)
+    one = [Scored(a, r) for a, r in zip(answers("", "a"), [5.0, 1.0])]
+    assert pick_pair(one) == (None, "dropped: empty model answer")
+
+
 def test_reward_errors_name_the_prompt_and_the_answer():
     rows = [("p.jsonl line 1", {"prompt": "what color is it ?", "answer": "blue"}),
             ("p.jsonl line 2", {"prompt": "and the sky ?", "answer": "blue"})]
@@ -110,10 +119,12 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "eval_prompts_path": no_answer})
     with pytest.raises(ValueError, match="1 prompts are also in"):
         iterate(**{**iterate_inputs, "eval_prompts_path": iterate_inputs["prompts_path"]})
-    # a fit section the fit command would refuse stops the run before any sampling
+    # a fit section the fit command would refuse stops the run before any sampling, and before the folder is
+    # claimed: the corrected command may run in it
     bogus = {"model": {**iterate_inputs["fit"]["model"], "beta": 0.1}}
-    with pytest.raises(ValueError, match=r"the fit sections do not parse(.|\n)*beta"):
+    with pytest.raises(ValueError, match=r"the fit section does not parse(.|\n)*model\.loss\.beta"):
         iterate(**{**iterate_inputs, "fit": bogus, "output_dir": str(tmp_path / "bogus")})
+    assert not (tmp_path / "bogus" / "iterate.json").exists()
     assert not (tmp_path / "bogus" / "round_1" / "samples.jsonl").exists()
     # a folder holding a run with other settings is refused, naming what changed
     run = tmp_path / "run"

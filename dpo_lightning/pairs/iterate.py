@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import random
+import tempfile
 import time
 from collections import Counter
 from typing import Any, Literal, Optional, Sequence, Union
@@ -99,6 +100,9 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
                          f"{sorted(shared)[0]!r}); held-out prompts must never be sampled for training")
     settings = {k: v for k, v in locals().items() if k in SETTINGS}
     settings["fit"], settings["rewards"] = fit_config, [vars(term) for term in rewards]
+    if not os.path.exists(os.path.join(output_dir, "round_1", "fit_done.json")):
+        with tempfile.TemporaryDirectory() as scratch:  # a bad fit section fails before the folder is claimed
+            check_fit_config(write_fit_config(fit_config, scratch, initial, initial), shown="the fit section")
     _claim(output_dir, settings)
 
     order = random.Random(seed).sample(range(len(rows)), len(rows))
@@ -115,8 +119,6 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             ref = initial if reference == "initial" else policy
             os.makedirs(round_dir, exist_ok=True)
             fit_path = write_fit_config(fit_config, round_dir, policy, ref)
-            if r == 1 and not os.path.exists(os.path.join(round_dir, "fit_done.json")):
-                check_fit_config(fit_path)  # a bad fit section fails now, not after the first sampling
             start = (r - 1) * per_round  # the next prompts of the seeded order, wrapping around
             picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
@@ -202,8 +204,8 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
         scored = [Scored(Answer(a["text"], a["finished"], a["num_tokens"]), a["reward"], a["terms"])
                   for a in s["answers"]]
         pair, why = pick_pair(scored, min_gap)
-        if pair is None or not pair[1].answer.text.strip():
-            counts[why or "dropped: empty model answer"] += 1
+        if pair is None:
+            counts[why] += 1
             continue
         chosen, rejected = pair
         out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -24,20 +23,23 @@ FIT_PREFIXES = ("val/probes/",)
 
 
 def fit_metrics(log_dir: str) -> dict[str, float]:
-    """The round's DPO metrics and probe figures from its TensorBoard log: train metrics averaged over the steps of
-    the last epoch (Lightning logs ``epoch`` beside each step), validation metrics and probes at their last value."""
+    """The round's DPO metrics and probe figures from its TensorBoard log: train metrics averaged over the logged
+    steps of the last epoch that logged any (Lightning logs ``epoch`` beside each step; with ``log_every_n_steps``
+    above an epoch's steps the last epoch may log none), validation metrics and probes at their last value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags().get("scalars", []))
     epochs = {e.step: e.value for e in acc.Scalars("epoch")} if "epoch" in tags else {}
-    last_epoch = max(epochs.values(), default=None)
     out: dict[str, float] = {}
     for tag in sorted(tags):
         if tag.startswith("train/") and tag in FIT_TAGS:
-            values = [e.value for e in acc.Scalars(tag) if epochs.get(e.step, last_epoch) == last_epoch]
-            out[tag] = float(sum(values) / len(values)) if values else math.nan
+            events = acc.Scalars(tag)
+            last = max((epochs.get(e.step, -1) for e in events), default=None)
+            values = [e.value for e in events if epochs.get(e.step, -1) == last]
+            if values:
+                out[tag] = float(sum(values) / len(values))
         elif tag in FIT_TAGS or tag.startswith(FIT_PREFIXES):
             out[tag] = float(acc.Scalars(tag)[-1].value)
     return out
@@ -85,11 +87,12 @@ def fit_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dpo_lightning", "fit", *args]
 
 
-def check_fit_config(fit_path: str) -> None:
-    """Parse a fit config as the ``fit`` command does; raise with its message when it does not parse."""
+def check_fit_config(fit_path: str, shown: Optional[str] = None) -> None:
+    """Parse a fit config as the ``fit`` command does; raise with its message (naming it ``shown``, by default its
+    path) when it does not parse."""
     proc = subprocess.run(fit_command("--config", fit_path, "--print_config"), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ValueError(f"the fit sections do not parse ({fit_path}):\n{proc.stderr.strip()[-2000:]}")
+        raise ValueError(f"{shown or fit_path} does not parse:\n{proc.stderr.strip()[-2000:]}")
 
 
 def run_fit(round_dir: str, fit_path: str, r: int) -> dict[str, float]:

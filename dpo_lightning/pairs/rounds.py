@@ -104,6 +104,7 @@ def _panel(draw: ImageDraw.ImageDraw, font: Any, box: tuple[int, int, int, int],
     left, top, right, bottom = box
     draw.text((left, top - 18), title, fill="black", font=font)
     draw.rectangle(box, outline=(160, 160, 160))
+    lines = [[p for p in line if math.isfinite(p[1])] for line in lines]  # a NaN figure is left out, not drawn
     points = [p for line in lines for p in line]
     if not points:
         return

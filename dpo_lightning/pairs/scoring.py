@@ -126,9 +126,12 @@ class WeightedReward:
 
 
 def pick_pair(scored: Sequence[Scored], min_gap: float = 0.0) -> tuple[Optional[tuple[Scored, Scored]], Optional[str]]:
-    """The best and worst of one prompt's answers as (chosen, rejected), or None and why not: all scored the same
-    (or within ``min_gap``), or the two texts are the same. The first of equal scores wins, so the choice is
-    reproducible."""
+    """The best and worst of one prompt's non-empty answers as (chosen, rejected), or None and why not: fewer than
+    two non-empty answers (an empty completion cannot train), all scored the same (or within ``min_gap``), or the
+    two texts are the same. The first of equal scores wins, so the choice is reproducible."""
+    scored = [s for s in scored if s.answer.text.strip()]
+    if len(scored) < 2:
+        return None, "dropped: empty model answer"
     best = max(range(len(scored)), key=lambda k: scored[k].reward)
     worst = min(range(len(scored)), key=lambda k: scored[k].reward)
     if scored[best].reward - scored[worst].reward <= min_gap:
