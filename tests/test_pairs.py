@@ -118,6 +118,16 @@ def test_no_pair_kept_is_an_error_that_leaves_the_output_file(tiny_model_dir, pr
     assert out.read_text() == '{"earlier": "pairs"}\n' and not any(".tmp-" in n for n in os.listdir(tmp_path))
 
 
+def test_output_paths_that_would_overwrite_each_other_or_an_input_are_refused(tiny_model_dir, prompts_file, tmp_path):
+    before = open(prompts_file, encoding="utf-8").read()
+    same = str(tmp_path / "same.jsonl")
+    with pytest.raises(ValueError, match="names one file twice"):
+        build_pairs(tiny_model_dir, [prompts_file, prompts_file], [same, str(tmp_path / "." / "same.jsonl")])
+    with pytest.raises(ValueError, match="an output path is also an input"):
+        build_pairs(tiny_model_dir, [prompts_file], [prompts_file])
+    assert open(prompts_file, encoding="utf-8").read() == before and not os.path.exists(same)
+
+
 def test_on_policy_best_is_chosen_worst_is_rejected_ties_dropped(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "pairs.jsonl"
     counts = build_pairs(tiny_model_dir, [prompts_file], [str(out)], strategy="on_policy", num_samples=4,

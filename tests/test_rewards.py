@@ -2,6 +2,7 @@
 choice, error messages that name the prompt and the answer, and ``iterate``'s refusals before any model loads."""
 
 import json
+import math
 
 import pytest
 
@@ -132,3 +133,16 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
     (run / "iterate.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(ValueError, match=r"holds a run with other settings \(.*seed.*\)"):
         iterate(**iterate_inputs)
+
+
+def test_reward_names_the_records_use_and_weights_that_are_not_numbers_are_refused():
+    chars = "dpo_lightning.pairs.verifiable.ExactMatch"
+    with pytest.raises(ValueError, match="reward name 'reward' is taken"):
+        WeightedReward([RewardTerm(chars, name="reward")])
+    with pytest.raises(ValueError, match="reward name 'length' is taken"):
+        WeightedReward([RewardTerm(chars, name="length")], length_penalty=0.01)
+    WeightedReward([RewardTerm(chars, name="length")])  # no length penalty: the name is free
+    with pytest.raises(ValueError, match="reward 'ExactMatch' has weight nan: weights must be finite"):
+        WeightedReward([RewardTerm(chars, weight=math.nan)])
+    with pytest.raises(ValueError, match="length_penalty is inf"):
+        WeightedReward([RewardTerm(chars)], length_penalty=math.inf)

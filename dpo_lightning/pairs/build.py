@@ -110,6 +110,13 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     """
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
+    outputs = [os.path.realpath(p) for p in output_paths]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"--output_paths names one file twice ({output_paths}): the second would replace the first")
+    inputs = {os.path.realpath(p) for p in prompts_paths} | (
+        {os.path.realpath(anchor_prompts_path)} if anchor_prompts_path else set())
+    if clash := [p for p, real in zip(output_paths, outputs) if real in inputs]:
+        raise ValueError(f"{clash[0]}: an output path is also an input; the pairs would replace the prompts")
     if strategy == "replace" and not replacements:
         raise ValueError("strategy 'replace' needs --replacements, e.g. '{\"SmolLM\": \"Deep SmolLM\"}'")
     if same_system_prompt and generation_system_prompt is not None:

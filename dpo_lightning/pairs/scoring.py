@@ -61,10 +61,18 @@ class WeightedReward:
     def __init__(self, terms: Sequence[RewardTerm], length_penalty: float = 0.0) -> None:
         if not terms:
             raise ValueError("no reward configured: give at least one reward term")
-        self.terms = [(term, load_reward(term.reward, term.arguments)) for term in terms]
         self.names = [term.name or term.reward.rpartition(".")[2] for term in terms]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"reward names must differ: {self.names}; set 'name' on the repeated ones")
+        reserved = {"reward"} | ({"length"} if length_penalty else set())  # the total, and the length penalty's term
+        if taken := sorted(reserved & set(self.names)):
+            raise ValueError(f"reward name {taken[0]!r} is taken by the records ('reward': the weighted sum, "
+                             "'length': the length penalty); set another 'name' on that term")
+        bad = [(name, term.weight) for name, term in zip(self.names, terms) if not math.isfinite(term.weight)]
+        if bad or not math.isfinite(length_penalty):
+            what = f"reward {bad[0][0]!r} has weight {bad[0][1]}" if bad else f"length_penalty is {length_penalty}"
+            raise ValueError(f"{what}: weights must be finite numbers")
+        self.terms = [(term, load_reward(term.reward, term.arguments)) for term in terms]  # checked first: cheap
         self.length_penalty = length_penalty
 
     def validate(self, rows: Sequence[Row]) -> None:
