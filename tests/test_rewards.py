@@ -97,6 +97,24 @@ def test_a_score_that_is_not_a_finite_number_is_refused(monkeypatch):
     with pytest.raises(RewardError, match=r"returned nan, not a finite number on the prompt at p line 1 \('q'\), "
                                           r"answer 'x'"):
         reward.score([("p line 1", {"prompt": "q"})], [answers("x")])
+    def fresh():  # a reward loads at construction: build it again after each patch
+        return WeightedReward([RewardTerm("iterate_helpers.characters")])
+
+    two_rows = [("p line 1", {"prompt": "q"})]
+    for returned, why in ((None, "returned None for 2 answers: a reward returns one score per answer"),
+                          (1.5, "returned 1.5 for 2 answers")):
+        monkeypatch.setattr(iterate_helpers, "characters", lambda q, a, out=returned: out)
+        with pytest.raises(RewardError, match=why):
+            fresh().score(two_rows, [answers("x", "y")])
+
+    def batch_only(questions, texts):  # fails on a batch, never on one answer alone
+        if len(texts) > 1:
+            raise RuntimeError("batch too big")
+        return [1.0]
+
+    monkeypatch.setattr(iterate_helpers, "characters", batch_only)
+    with pytest.raises(RewardError, match="raised RuntimeError: batch too big on a batch of 2 answers, and on none"):
+        fresh().score(two_rows, [answers("x", "y")])
 
 
 @pytest.fixture

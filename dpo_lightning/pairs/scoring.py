@@ -113,14 +113,20 @@ class WeightedReward:
         else:
             questions, texts = [rows[i][1]["prompt"] for i, _ in flat], [a.text for _, a in flat]
             try:
-                values = list(reward(questions, texts))
-            except Exception:  # noqa: BLE001 - find the answer it fails on, one at a time
+                out = reward(questions, texts)
+            except Exception as batch_error:  # noqa: BLE001 - find the answer it fails on, one at a time
                 for k in range(len(flat)):
                     try:
                         reward([questions[k]], [texts[k]])
                     except Exception as error:  # noqa: BLE001
                         raise failed(k, f"raised {type(error).__name__}: {error}") from error
-                raise
+                raise RewardError(f"reward {name!r} raised {type(batch_error).__name__}: {batch_error} on a batch of "
+                                  f"{len(flat)} answers, and on none of them alone") from batch_error
+            try:
+                values = list(out)
+            except TypeError:
+                raise RewardError(f"reward {name!r} returned {repr(out)[:120]} for {len(flat)} answers: a reward "
+                                  "returns one score per answer, as a list") from None
             if len(values) != len(flat):
                 raise RewardError(f"reward {name!r} returned {len(values)} scores for {len(flat)} answers")
         for k, value in enumerate(values):
