@@ -6,6 +6,7 @@ import sys
 
 from dpo_lightning.cli import cli_main
 
+sys.argv[0] = "python -m dpo_lightning"  # what usage lines and tips name, instead of __main__.py
 try:
     cli_main()
 except (ValueError, FileNotFoundError, NotADirectoryError) as error:  # the package names file, row and field in these

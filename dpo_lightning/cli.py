@@ -107,7 +107,7 @@ def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
     if not torch.cuda.is_available():
         keep_freed_memory()  # training and generation on CPU reuse freed pages (training/host_memory.py)
     if argv and argv[0] in EXTRA_COMMANDS:
-        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
+        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:], as_positional=False, prog=f"{sys.argv[0]} {argv[0]}")
         return None
     hints = section_hints(argv)
     if hints:

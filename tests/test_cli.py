@@ -75,6 +75,11 @@ def test_help_shows_every_setting_with_its_doc():
                       ("--trainer.accumulate_grad_batches", ""), ("--trainer.precision", "")]:
         assert flag in proc.stdout, flag
         assert doc in proc.stdout, doc
+    assert proc.stdout.startswith("usage: python -m dpo_lightning [options] fit")
+    for command in ("iterate", "build-pairs"):  # the tools' usage names the command as it is typed
+        proc = subprocess.run([sys.executable, "-m", "dpo_lightning", command, "--help"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m dpo_lightning {command}"), command
 
 
 def test_a_problem_with_the_input_is_one_line_and_the_traceback_on_request(tiny_model_dir, tmp_path):
