@@ -386,3 +386,27 @@ def test_a_bad_system_prompt_pool_is_refused_before_the_model_loads(tmp_path, pr
     with pytest.raises(ValueError, match=message):
         build_pairs(str(tmp_path / "no-model"), [prompts_file], [str(tmp_path / "o.jsonl")], system_prompts=pool,
                     system_prompts_per_question=k)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"strategy": "on_policy", "num_samples": 1}, "--num_samples must be at least 2"),
+    ({"strategy": "on_policy", "temperature": 0.0}, "--temperature must be > 0, got 0.0"),
+    ({"strategy": "on_policy", "top_p": 1.5}, r"--top_p must be in \(0, 1\]"),
+    ({"batch_size": 0}, "--batch_size must be > 0, got 0"),
+    ({"max_new_tokens": -3}, "--max_new_tokens must be > 0, got -3"),
+    ({"strategy": "replace", "replacements": {"": "X"}}, "--replacements has an empty name")])
+def test_settings_out_of_range_stop_before_a_model_loads(setting, message, prompts_file, tmp_path):
+    with pytest.raises(ValueError, match=message):  # the model path does not exist: nothing was loaded
+        build_pairs(str(tmp_path / "no-model"), [prompts_file], [str(tmp_path / "out.jsonl")], **setting)
+
+
+def test_iterate_settings_out_of_range_stop_before_anything_runs(tmp_path):
+    from dpo_lightning.pairs.iterate import iterate
+    from dpo_lightning.pairs.scoring import RewardTerm
+
+    for setting, message in (({"rounds": 0}, "--rounds must be > 0"), ({"prompts_per_round": -1},
+                             "--prompts_per_round must be > 0"), ({"max_new_tokens": 0}, "--max_new_tokens")):
+        with pytest.raises(ValueError, match=message):
+            iterate({"model": {"model_name_or_path": "x"}}, "p.jsonl", [RewardTerm("iterate_helpers.characters")],
+                    output_dir=str(tmp_path / "run"), **setting)
+    assert not (tmp_path / "run").exists()

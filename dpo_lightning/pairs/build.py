@@ -110,6 +110,13 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     """
     if len(prompts_paths) != len(output_paths):
         raise ValueError(f"--prompts_paths has {len(prompts_paths)} files but --output_paths has {len(output_paths)}")
+    check_sampling(max_new_tokens=max_new_tokens, batch_size=batch_size, anchor_max_new_tokens=anchor_max_new_tokens,
+                   system_prompts_per_question=system_prompts_per_question,
+                   **({"num_samples": num_samples, "temperature": temperature, "top_p": top_p}
+                      if strategy == "on_policy" else {}))
+    if replacements and "" in replacements:
+        raise ValueError("--replacements has an empty name to replace: it would insert the replacement between every "
+                         "two characters")
     outputs = [os.path.realpath(p) for p in output_paths]
     if len(set(outputs)) != len(outputs):
         raise ValueError(f"--output_paths names one file twice ({output_paths}): the second would replace the first")
@@ -248,6 +255,23 @@ class SystemPromptDeck:
             self.stack.remove(fresh[-1])
             picked.append(fresh[-1])
         return [self.pool[i] for i in picked]
+
+
+def check_sampling(**settings: Optional[float]) -> None:
+    """Refuse, before any model loads, a count, budget or sampling setting out of range, naming each: counts and
+    budgets > 0, ``num_samples`` at least 2 (a pair needs two answers), ``top_p`` in (0, 1]. None is not checked."""
+    problems = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key == "num_samples" and value < 2:
+            problems.append(f"--num_samples must be at least 2 (a pair needs two answers), got {value}")
+        elif key == "top_p" and not 0 < value <= 1:
+            problems.append(f"--top_p must be in (0, 1], got {value}")
+        elif key not in ("num_samples", "top_p") and not value > 0:
+            problems.append(f"--{key} must be > 0, got {value}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finished: bool = True) -> Optional[str]:

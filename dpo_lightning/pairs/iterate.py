@@ -38,7 +38,7 @@ from ..data.reading import read_prompt_rows
 from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .build import SystemPromptDeck, pair_row
+from .build import SystemPromptDeck, check_sampling, pair_row
 from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
 from .rounds import read_json, write_record
 from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
@@ -85,8 +85,8 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
     fit_config = fit_sections(fit)
     initial = fit_config["model"]["model_name_or_path"]
     trust = bool(fit_config["model"].get("trust_remote_code", False))
-    if rounds < 1 or num_samples < 2:
-        raise ValueError(f"need rounds >= 1 and num_samples >= 2, got rounds={rounds}, num_samples={num_samples}")
+    check_sampling(rounds=rounds, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, prompts_per_round=prompts_per_round)
     if not list(system_prompts):
         raise ValueError("--system_prompts is empty; use [null] for the chat template's default")
     scorer = WeightedReward(rewards, length_penalty)
