@@ -26,6 +26,7 @@ from ..atomic import atomic_open
 from ..data.reading import read_prompt_rows
 from ..eval.generation import chat_messages, generate_answers, render_prompt, system_label
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
+from .checks import check_outputs, check_sampling
 from .scoring import RewardTerm, WeightedReward, pick_pair
 
 Strategy = Literal["replace", "reference", "on_policy"]
@@ -117,13 +118,7 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
     if replacements and "" in replacements:
         raise ValueError("--replacements has an empty name to replace: it would insert the replacement between every "
                          "two characters")
-    outputs = [os.path.realpath(p) for p in output_paths]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError(f"--output_paths names one file twice ({output_paths}): the second would replace the first")
-    inputs = {os.path.realpath(p) for p in prompts_paths} | (
-        {os.path.realpath(anchor_prompts_path)} if anchor_prompts_path else set())
-    if clash := [p for p, real in zip(output_paths, outputs) if real in inputs]:
-        raise ValueError(f"{clash[0]}: an output path is also an input; the pairs would replace the prompts")
+    check_outputs(output_paths, [*prompts_paths, *([anchor_prompts_path] if anchor_prompts_path else [])])
     if strategy == "replace" and not replacements:
         raise ValueError("strategy 'replace' needs --replacements, e.g. '{\"SmolLM\": \"Deep SmolLM\"}'")
     if same_system_prompt and generation_system_prompt is not None:
@@ -255,23 +250,6 @@ class SystemPromptDeck:
             self.stack.remove(fresh[-1])
             picked.append(fresh[-1])
         return [self.pool[i] for i in picked]
-
-
-def check_sampling(**settings: Optional[float]) -> None:
-    """Refuse, before any model loads, a count, budget or sampling setting out of range, naming each: counts and
-    budgets > 0, ``num_samples`` at least 2 (a pair needs two answers), ``top_p`` in (0, 1]. None is not checked."""
-    problems = []
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key == "num_samples" and value < 2:
-            problems.append(f"--num_samples must be at least 2 (a pair needs two answers), got {value}")
-        elif key == "top_p" and not 0 < value <= 1:
-            problems.append(f"--top_p must be in (0, 1], got {value}")
-        elif key not in ("num_samples", "top_p") and not value > 0:
-            problems.append(f"--{key} must be > 0, got {value}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finished: bool = True) -> Optional[str]:

@@ -38,7 +38,8 @@ from ..data.reading import read_prompt_rows
 from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .build import SystemPromptDeck, check_sampling, pair_row
+from .build import SystemPromptDeck, pair_row
+from .checks import check_sampling
 from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
 from .rounds import read_json, write_record
 from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
