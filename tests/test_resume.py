@@ -7,7 +7,9 @@ import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
-from conftest import fit_tiny, scalar_tags
+from dpo_lightning.cli import cli_main
+
+from conftest import fit_args, fit_tiny, scalar_tags
 
 
 class KillAt(Callback):
@@ -66,3 +68,20 @@ def test_accumulation_equals_the_big_batch_with_an_uneven_last_window(tiny_model
     assert any(not torch.equal(weights["big"][k], base[k]) for k in base)  # training moved the weights
     for k in base:
         torch.testing.assert_close(weights["accumulated"][k], weights["big"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_run_resumed_with_more_epochs_follows_the_longer_schedule(tiny_model_dir, pairs_jsonl, tmp_path):
+    def lrs(log_dir):
+        _, acc = scalar_tags(log_dir)
+        return {e.step: e.value for e in acc.Scalars("lr-AdamW")}
+
+    common = ("--export.enabled=false", "--trainer.log_every_n_steps=1")
+    _, straight = fit_tiny(tmp_path / "a", tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=2", *common)
+    _, first = fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=1", *common)
+    with pytest.warns(UserWarning, match="this run has"):
+        cli_main(fit_args(tmp_path / "b", tiny_model_dir, pairs_jsonl, "--trainer.max_epochs=2", *common,
+                          f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"))
+    want, got = lrs(straight), lrs(tmp_path / "b" / "lightning_logs" / "version_1")
+    resumed = sorted(step for step in got if step > max(lrs(first)))
+    assert resumed and all(got[step] > 0 for step in resumed[:-1])  # it trains: the old schedule had ended at 0
+    assert [got[step] for step in resumed] == pytest.approx([want[step] for step in resumed], rel=1e-6)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -54,7 +55,8 @@ class WarmupDecayLR(LambdaLR):
     """Linear warmup over ``warmup_ratio`` of the run, then ``decay`` to zero (or ``constant``).
 
     ``num_training_steps`` is filled in from ``trainer.estimated_stepping_batches`` when training starts
-    (:func:`fit_schedules_to_run`) when left unset.
+    (:func:`fit_schedules_to_run`) when left unset, also when a checkpoint is resumed: a run resumed with more
+    epochs or steps than the checkpoint's follows the longer run's schedule from the resumed step on.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_ratio: float = 0.1,
@@ -63,7 +65,16 @@ class WarmupDecayLR(LambdaLR):
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.warmup_ratio, self.decay, self.num_training_steps = warmup_ratio, decay, num_training_steps
+        self.configured_steps = num_training_steps  # None: the run's length, set when training starts
         super().__init__(optimizer, self._factor)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checkpoint's step and length, but this run's setting of whether the length is the run's."""
+        configured = self.configured_steps
+        super().load_state_dict(state_dict)
+        self.configured_steps = configured
+        if configured is not None:
+            self.num_training_steps = configured
 
     def set_total_steps(self, num_training_steps: int) -> None:
         """Set the run length after construction and re-apply the current step's learning rate."""
@@ -92,8 +103,15 @@ def fit_schedules_to_run(trainer: Any) -> None:
     checkpoint is restored, and a resumed run would then start from the wrong batch."""
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
-        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
-            scheduler.set_total_steps(max(1, int(trainer.estimated_stepping_batches)))
+        if not isinstance(scheduler, WarmupDecayLR) or scheduler.configured_steps is not None:
+            continue
+        total = max(1, int(trainer.estimated_stepping_batches))
+        if scheduler.num_training_steps not in (None, total):  # a checkpoint of a run of another length
+            rank_zero_warn(f"the resumed checkpoint's schedule ran over {scheduler.num_training_steps} optimizer "
+                           f"steps; this run has {total}: the learning rate follows a {total}-step schedule from "
+                           f"step {scheduler.last_epoch} on")
+        if scheduler.num_training_steps != total:
+            scheduler.set_total_steps(total)
 
 
 def clip_gradients(module: LightningModule, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float],
