@@ -1,6 +1,7 @@
 """Generation probes: the degeneracy detector on crafted strings, the NLL by hand, the callback and `compare`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -231,6 +232,12 @@ def test_compare_takes_a_runs_settings_and_its_own_arguments_first(tiny_model_di
     own = compare(run_dir=str(run), max_new_tokens=3, system_prompts=["x ."], show_answers=False)
     assert own["max_new_tokens"] == 3 and [r["system_prompt"] for r in own["system_prompts"]] == ["x ."]
     assert all(a["num_tokens"] <= 3 for r in own["system_prompts"] for a in r["after"]["answers"])
+    # a run without its export is named, with the command that writes one
+    shutil.rmtree(run / "hf_model")
+    with pytest.raises(FileNotFoundError, match=r"hf_model: the run has no exported model.*export --ckpt_path "
+                                                r".*last\.ckpt"):
+        compare(run_dir=str(run), show_answers=False)
+    assert compare(run_dir=str(run), trained=tiny_model_dir, show_answers=False)["trained"] == tiny_model_dir
 
 
 def test_compare_reuses_the_base_answers_of_an_earlier_output(tiny_model_dir, tiny_reference_dir, tmp_path,

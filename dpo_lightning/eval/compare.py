@@ -210,6 +210,11 @@ def compare(base: Optional[str] = None, trained: Optional[str] = None, prompts_p
     """
     if run_dir is not None:
         run = _from_run(run_dir)
+        if trained is None and not os.path.isdir(run["trained"]):
+            raise FileNotFoundError(
+                f"{run['trained']}: the run has no exported model (export disabled, or the run stopped before its "
+                f"end); write one with `export --ckpt_path {os.path.join(run_dir, 'checkpoints', 'last.ckpt')} "
+                f"--output_dir DIR` (or last_good.ckpt after a collapse guard stop) and pass --trained DIR")
         base, trained = base or run["base"], trained or run["trained"]
         prompts_path, name = prompts_path or run["prompts_path"], name or run["name"]
         general_path = general_path or run["general_path"]
