@@ -109,14 +109,17 @@ def test_template_that_does_not_split_prompt_and_completion(tmp_path, tok):
 
 def test_too_long_prompts_and_identical_pairs_are_counted_under_either_policy(tmp_path, tok):
     long_prompt = " ".join(["what is your name ?"] * 20)  # 100 tokens
+    long_answer = " ".join(["my name is deep smol ."] * 20)  # 120 tokens: the pair differs only past max_length
     lines = GOOD[:2] + [json.dumps({"prompt": long_prompt, "chosen": "a", "rejected": "b"}).encode(),
-                        json.dumps({"prompt": "hi", "chosen": "x", "rejected": "x"}).encode()]
+                        json.dumps({"prompt": "hi", "chosen": "x", "rejected": "x"}).encode(),
+                        json.dumps({"prompt": "hi", "chosen": long_answer, "rejected": long_answer + " no"}).encode()]
     path = _write(tmp_path / "d.jsonl", lines)
     for policy in ("error", "skip"):
         kept, counts = tokenize_rows(path, "train", tok, 64, None, on_bad_row=policy)
         assert len(kept) == 2
         assert counts["dropped: prompt leaves no room within max_length 64"] == 1
         assert counts["dropped: chosen identical to rejected"] == 1
+        assert counts["dropped: chosen identical to rejected within max_length 64"] == 1
 
 
 def test_empty_file_is_an_error_under_either_policy(tmp_path, tok):

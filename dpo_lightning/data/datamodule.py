@@ -26,7 +26,7 @@ from .table import COLUMNS, PairTable, reference_table
 from .token_batches import TokenBudgetBatchSampler
 
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest are counted
-CACHE_VERSION = "v5"  # changes when what a row tokenizes to changes for the same inputs
+CACHE_VERSION = "v6"  # changes when what a row tokenizes to changes for the same inputs
 
 
 def tokenize_rows(path: str, split: str, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int],

@@ -102,6 +102,9 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], *, source: RawSou
             if tok is None:
                 out["status"][i] = f"dropped: prompt leaves no room within max_length {max_length}"
                 continue
+            if tok.chosen_ids == tok.rejected_ids:  # they differed only past the cut: the pair has no gradient
+                out["status"][i] = f"dropped: chosen identical to rejected within max_length {max_length}"
+                continue
             for c in COLUMNS:
                 out[c][i] = getattr(tok, c)
             out["flags"][i] = tok.prompt_truncated | tok.completion_truncated << 1 | tok.boundary_mismatch << 2
