@@ -57,6 +57,9 @@ class DPOLightningCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = plugins + [AtomicCheckpointIO()]
+        if config.get("logger") is False:  # nothing to log the learning rate to: Lightning refuses the monitor
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [
+                c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, LearningRateMonitor)]}
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod

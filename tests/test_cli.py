@@ -201,3 +201,9 @@ def test_a_flat_model_setting_is_pointed_to_its_section(tmp_path):
         assert proc.returncode == 1 and f"error: {'; '.join(want)}" in proc.stderr
     for config in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):  # the shipped ones are all sectioned
         assert section_hints(["fit", "--config", config, "--model.loss.beta=0.1"]) == []
+
+
+def test_a_fit_without_a_logger_runs(tiny_model_dir, pairs_jsonl, tmp_path):
+    cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.logger=false", "--trainer.max_steps=1",
+                      "--export.enabled=false")
+    assert cli.trainer.global_step == 1 and not cli.trainer.loggers
