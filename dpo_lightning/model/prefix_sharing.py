@@ -179,17 +179,17 @@ def shared_prefix_logps(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     implementation = model.config._attn_implementation
     pattern = attention_pattern(model.config)
     bites = pattern.window is not None and attention_mask.sum(-1).max().item() > pattern.window
+    plain = None  # why this batch runs in the plain layout
     if bites and pattern.mixed and not (takes_mask_mapping(model) if mask_mapping is None else mask_mapping):
         # one mask cannot serve full and sliding layers
-        warnings.warn(f"prefix sharing: rows longer than the sliding window ({pattern.window}) of a model whose "
-                      "layers attend differently run in the plain layout", stacklevel=2)
-        return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
-                              ld_alpha=ld_alpha)
-    segments = pair_segments(input_ids, attention_mask, loss_mask, strict=False)
-    if segments is None:
+        plain = (f"rows longer than the sliding window ({pattern.window}) of a model whose layers attend "
+                 "differently")
+    elif (segments := pair_segments(input_ids, attention_mask, loss_mask, strict=False)) is None:
         # a response's first token is predicted from the prompt's last one, which this pair lacks or does not share
-        warnings.warn("prefix sharing: a batch with a pair whose chosen and rejected rows share no prompt token (an "
-                      "empty prompt, and a tokenizer that adds no BOS token) runs in the plain layout", stacklevel=2)
+        plain = ("a batch with a pair whose chosen and rejected rows share no prompt token (an empty prompt, and a "
+                 "tokenizer that adds no BOS token) or start with different prompts")
+    if plain is not None:
+        warnings.warn(f"prefix sharing: {plain}; this batch runs in the plain layout", stacklevel=2)
         return response_logps(model, input_ids, attention_mask, loss_mask, chunk_size, token_stats=token_stats,
                               ld_alpha=ld_alpha)
     layout = row_layout(input_ids, attention_mask, loss_mask, packing, row_tokens, segments=segments)
