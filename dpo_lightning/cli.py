@@ -3,8 +3,10 @@ around them (pair building, on-policy rounds, comparison, export, model conversi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import warnings
@@ -15,6 +17,7 @@ from jsonargparse import CLI
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .data.datamodule import PreferenceDataModule
 from .eval.callback import GenerationProbes
@@ -28,6 +31,7 @@ from .training.export import HFExport, export_checkpoint
 from .training.guard import NonFiniteGuard
 from .training.host_memory import keep_freed_memory
 from .training.module import DPOModule
+from .training.resume import checkpoint_folders, find_last_checkpoint, replaced_settings
 from .training.settings import CompileSettings, LoraSettings, LossSettings, ReferenceSettings
 from .training.throughput import ThroughputTelemetry
 
@@ -61,6 +65,39 @@ class DPOLightningCLI(LightningCLI):
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": [
                 c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, LearningRateMonitor)]}
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config, callbacks):
+        if config.get("enable_checkpointing") is False:  # the checkpoint section's callback would be refused
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path last`` resumes the newest ``last.ckpt`` of earlier runs (Lightning alone looks only in the
+        new run's own, empty, folder); model settings the command gave that the checkpoint replaces are named."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        if section.get("ckpt_path") == "last":
+            trainer, checkpoint = section.get("trainer") or {}, section.get("checkpoint") or {}
+            folders = checkpoint_folders(trainer.get("default_root_dir"), checkpoint.get("dirpath"),
+                                         trainer.get("logger"))
+            found = find_last_checkpoint(folders)
+            if found:
+                rank_zero_info(f"[dpo_lightning] ckpt_path last: {found}")
+            else:
+                rank_zero_warn(f"[dpo_lightning] ckpt_path last: no {os.path.join(folders, 'last*.ckpt')}; "
+                               f"{subcommand} starts from model.model_name_or_path")
+            section["ckpt_path"] = found
+        given = copy.deepcopy(section.get("model"))
+        super()._parse_ckpt_path()
+        defaults = self._parser(subcommand).get_defaults().get("model")
+        replaced = replaced_settings(given, defaults, self.config[subcommand].get("model"))
+        if replaced:
+            rank_zero_warn(f"[dpo_lightning] {self.config[subcommand]['ckpt_path']}: the checkpoint's model settings "
+                           "are used, not the ones given: " + "; ".join(
+                               f"model.{key} {value!r} (given {given_value!r})"
+                               for key, given_value, value in replaced))
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -207,3 +207,10 @@ def test_a_fit_without_a_logger_runs(tiny_model_dir, pairs_jsonl, tmp_path):
     cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.logger=false", "--trainer.max_steps=1",
                       "--export.enabled=false")
     assert cli.trainer.global_step == 1 and not cli.trainer.loggers
+
+
+def test_a_fit_without_checkpointing_runs_and_writes_no_checkpoint(tiny_model_dir, pairs_jsonl, tmp_path):
+    cli, log_dir = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, "--trainer.enable_checkpointing=false",
+                            "--trainer.max_steps=1", "--export.enabled=false")
+    assert cli.trainer.global_step == 1 and cli.trainer.checkpoint_callback is None
+    assert not (log_dir / "checkpoints").exists()

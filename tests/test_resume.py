@@ -85,3 +85,27 @@ def test_a_run_resumed_with_more_epochs_follows_the_longer_schedule(tiny_model_d
     resumed = sorted(step for step in got if step > max(lrs(first)))
     assert resumed and all(got[step] > 0 for step in resumed[:-1])  # it trains: the old schedule had ended at 0
     assert [got[step] for step in resumed] == pytest.approx([want[step] for step in resumed], rel=1e-6)
+
+
+def test_ckpt_path_last_resumes_the_newest_run_and_names_replaced_settings(tiny_model_dir, pairs_jsonl, tmp_path):
+    """``--ckpt_path last`` finds ``version_0``'s checkpoint, though the resumed run logs into ``version_1`` (Lightning
+    alone looks only there, finds nothing and trains from scratch); the resumed weights equal a straight run's."""
+    fit_tiny(tmp_path / "a", tiny_model_dir, pairs_jsonl, *RUN)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, "--trainer.callbacks+=test_resume.KillAt",
+                 "--trainer.callbacks.step=3")
+    # a setting given on the command line that the checkpoint's hyperparameters replace is named, not dropped silently
+    with pytest.warns(UserWarning, match=r"the checkpoint's model settings are used.*model\.loss\.beta 0\.1 \(given 0\.5\)"):
+        fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, "--ckpt_path=last", "--model.loss.beta=0.5")
+    straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    _, b = scalar_tags(str(tmp_path / "b" / "lightning_logs" / "version_1"))
+    assert min(s.step for s in b.Scalars("train/loss")) >= 3  # it went on from step 3
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_so_and_trains(tiny_model_dir, pairs_jsonl, tmp_path):
+    with pytest.warns(UserWarning, match=r"ckpt_path last: no .*last\*\.ckpt; fit starts from model"):
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *RUN, "--ckpt_path=last", "--trainer.max_epochs=1")
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
