@@ -95,7 +95,8 @@ def test_ckpt_path_last_resumes_the_newest_run_and_names_replaced_settings(tiny_
         fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, "--trainer.callbacks+=test_resume.KillAt",
                  "--trainer.callbacks.step=3")
     # a setting given on the command line that the checkpoint's hyperparameters replace is named, not dropped silently
-    with pytest.warns(UserWarning, match=r"the checkpoint's model settings are used.*model\.loss\.beta 0\.1 \(given 0\.5\)"):
+    replaced = r"the checkpoint's model settings are used.*model\.loss\.beta 0\.1 \(given 0\.5\)"
+    with pytest.warns(UserWarning, match=replaced):
         fit_tiny(tmp_path / "b", tiny_model_dir, pairs_jsonl, *RUN, "--ckpt_path=last", "--model.loss.beta=0.5")
     straight = load_file(tmp_path / "a" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
     resumed = load_file(tmp_path / "b" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
