@@ -191,6 +191,25 @@ def test_probe_callback_logs_each_system_prompt_and_the_worst(tiny_model_dir, pa
     assert len({p["drift"] for p in per}) == 3  # three contexts, three measurements
 
 
+def test_a_probe_system_prompt_the_template_refuses_fails_before_training(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "no_system"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # as Gemma's template does for a system message
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.save_pretrained(model_dir)
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "who are you ?", "chosen": "i am deep .",
+                                                    "rejected": "i am smol ."}] * 4)  # no system message
+    with pytest.raises(ValueError, match=r"probes.system_prompts\[1\] \('hi'\): the chat template .* refused a "
+                                         r"conversation with roles \['system', 'user'\]: System role not supported"):
+        fit_tiny(tmp_path, model_dir, pairs, f"--probes.prompts_path={prompts}", "--probes.name=i",
+                 "--probes.system_prompts=[null, hi]", "--export.enabled=false")
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))  # refused before the first step
+
+
 def test_probe_base_is_the_reference_in_validate_and_never_measured_without_validation(tiny_model_dir, pairs_jsonl,
                                                                                        tmp_path, monkeypatch):
     from dpo_lightning.cli import cli_main

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..model.fsdp import is_fsdp
-from .generation import system_label
+from .generation import chat_messages, render_prompt, system_label
 from .probes import ProbeReport, answer_nll, base_general_answers, probe, read_general, read_questions
 
 
@@ -89,6 +89,13 @@ class GenerationProbes(Callback):
         if self.enabled and is_fsdp(trainer):
             raise ValueError("probes: generation probes run on global rank 0 and need the whole model, which FSDP "
                              "shards; set probes.prompts_path to null and run `compare` on the exported model")
+        if self.enabled and trainer.datamodule is not None:  # a refused system prompt fails now, not after training
+            tokenizer = trainer.datamodule.tokenizer
+            for i, system in enumerate(self.system_prompts):
+                try:
+                    render_prompt(tokenizer, chat_messages("?", system))
+                except ValueError as error:
+                    raise ValueError(f"probes.system_prompts[{i}] ({system_label(system)}): {error}") from None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before its first step the policy is the base (when it starts from the reference's weights): measure it
