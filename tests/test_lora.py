@@ -1,6 +1,7 @@
 """model.lora.use_peft: LoRA adapters on the policy, the reference is the policy with adapters off, and the export is
 merged plain weights or the adapter alone."""
 
+import json
 import os
 
 import pytest
@@ -146,3 +147,14 @@ def test_lora_with_precomputed_reference_trains_the_same(tiny_model_dir, pairs_j
     for m in ("loss", "rewards/margins", "logps/chosen"):
         assert [s.value for s in b.Scalars(f"val/{m}")] == pytest.approx(
             [s.value for s in a.Scalars(f"val/{m}")], abs=1e-5), m
+
+
+def test_an_adapter_of_a_relative_base_path_loads_from_another_folder(tiny_model_dir, pairs_jsonl, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(os.path.dirname(tiny_model_dir))
+    _, run = fit_tiny(tmp_path, os.path.basename(tiny_model_dir), pairs_jsonl, *LORA, "--trainer.max_steps=1",
+                      "--model.lora.lora_export=adapter")
+    with open(run / "hf_model" / "adapter_config.json", encoding="utf-8") as f:
+        assert json.load(f)["base_model_name_or_path"] == tiny_model_dir
+    monkeypatch.chdir(tmp_path)
+    peft.AutoPeftModelForCausalLM.from_pretrained(run / "hf_model")  # finds its base from another working directory

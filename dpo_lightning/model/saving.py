@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,18 @@ def check_export_target(output_dir: str, sources: Sequence[Optional[str]] = ()) 
                          "export replaces the whole directory; choose a new or empty directory, or an earlier export")
 
 
+def absolute_base_path(adapter_config: str) -> None:
+    """An adapter's base model given as a local folder relative to the working directory is recorded as an absolute
+    path, so the adapter loads from anywhere; a hub id stays as it is."""
+    with open(adapter_config, encoding="utf-8") as f:
+        config = json.load(f)
+    base = config.get("base_model_name_or_path")
+    if base and not os.path.isabs(base) and os.path.isdir(base):
+        config["base_model_name_or_path"] = os.path.abspath(base)
+        with open(adapter_config, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+
+
 def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizerBase], output_dir: str,
                 state_dict: Optional[dict] = None, adapter: bool = False,
                 sources: Sequence[Optional[str]] = ()) -> str:
@@ -64,6 +77,7 @@ def save_policy(policy: PreTrainedModel, tokenizer: Optional[PreTrainedTokenizer
         policy.config.use_cache = True  # turned off for training; generation wants it back
         if is_peft_model(policy) and adapter:
             policy.save_pretrained(tmp, safe_serialization=True)
+            absolute_base_path(os.path.join(tmp, "adapter_config.json"))
         elif is_peft_model(policy):
             policy.get_base_model().save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(policy))
         else:
