@@ -142,6 +142,14 @@ def test_two_rounds_end_to_end(straight_run, tiny_model_dir):
     assert Image.open(out / "rounds.png").size[0] >= 360
 
 
+def test_a_rerun_with_fewer_rounds_keeps_the_later_rounds_in_the_record(straight_run):
+    config, out, _ = straight_run
+    before = (out / "rounds.json").read_text()
+    printed = run_cli(["iterate", "--config", config, f"--output_dir={out}", "--rounds=1"], cwd=ROOT, extra_path=HERE)
+    assert "its record keeps round 2 of an earlier run" in printed
+    assert (out / "rounds.json").read_text() == before
+
+
 def first_step_loss(round_dir):
     _, acc = scalar_tags(round_dir)
     return acc.Scalars("train/loss")[0].value

@@ -3,6 +3,7 @@ choice, error messages that name the prompt and the answer, and ``iterate``'s re
 
 import json
 import math
+import os
 
 import pytest
 
@@ -145,12 +146,29 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "fit": bogus, "output_dir": str(tmp_path / "bogus")})
     assert not (tmp_path / "bogus" / "iterate.json").exists()
     assert not (tmp_path / "bogus" / "round_1" / "samples.jsonl").exists()
-    # a folder holding a run with other settings is refused, naming what changed
+    # a folder holding a run with other settings that finished a round is refused, naming what changed
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "round_1").mkdir(parents=True)
     (run / "iterate.json").write_text(json.dumps({"seed": 1}))
+    (run / "round_1" / "round.json").write_text(json.dumps({"round": 1}))
     with pytest.raises(ValueError, match=r"holds a run with other settings \(.*seed.*\)"):
         iterate(**iterate_inputs)
+
+
+def test_a_run_that_gave_no_pair_reruns_in_its_folder_with_corrected_settings(iterate_inputs, capsys):
+    """The tiny random model never answers 4: no prompt gives a pair. The error says what to change; the changed
+    command then runs in the same folder and samples again."""
+    settings = {**iterate_inputs, "num_samples": 2, "max_new_tokens": 4}
+    with pytest.raises(RuntimeError, match="no prompt gave a pair"):
+        iterate(**settings)
+    samples = os.path.join(iterate_inputs["output_dir"], "round_1", "samples.jsonl")
+    with open(samples) as f:
+        assert len(json.loads(f.readline())["answers"]) == 2
+    with pytest.raises(RuntimeError, match="no prompt gave a pair"):
+        iterate(**{**settings, "num_samples": 3})
+    assert "finished no round; starting over with the changed settings (num_samples)" in capsys.readouterr().out
+    with open(samples) as f:
+        assert len(json.loads(f.readline())["answers"]) == 3
 
 
 def test_reward_names_the_records_use_and_weights_that_are_not_numbers_are_refused():

@@ -25,9 +25,11 @@ With LoRA, each round's export merges its adapters, and the next round trains fr
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -61,7 +63,8 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             round's policy, reference, training pairs, log directory, checkpoints and export.
         prompts_path: JSON Lines prompt rows (``prompt``, plus the fields verifiable rewards read, e.g. ``answer``).
         rewards: the weighted reward terms summed into each answer's score.
-        rounds: how many rounds (raising it and rerunning continues a finished run).
+        rounds: how many rounds (raising it and rerunning continues a finished run; lowering it keeps the
+            later rounds in the record).
         output_dir: where the rounds, their models and the record are written.
         reference: ``initial``: the initial model is every round's reference; ``previous``: the policy the round
             starts from (iterative DPO's choice).
@@ -139,6 +142,14 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
         records.append(record)
         write_record(output_dir, records)
         _print_round(record)
+    later = rounds + 1  # rounds an earlier, longer run finished stay in the record
+    while (record := read_json(os.path.join(output_dir, f"round_{later}", "round.json"))) is not None:
+        records.append(record)
+        later += 1
+    if len(records) > rounds + 1:
+        write_record(output_dir, records)
+        kept = f"round {rounds + 1}" if later == rounds + 2 else f"rounds {rounds + 1}-{later - 1}"
+        print(f"[dpo_lightning] {output_dir}: its record keeps {kept} of an earlier run", flush=True)
     return records
 
 
@@ -156,8 +167,14 @@ def _claim(output_dir: str, settings: dict[str, Any]) -> None:
     earlier = read_json(path)
     if earlier is not None and earlier != settings:
         changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
-        raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)}); use another "
-                         "--output_dir or remove it")
+        if glob.glob(os.path.join(output_dir, "round_[1-9]*", "round.json")):
+            raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)}); use another "
+                             "--output_dir or remove it")
+        # no round finished (e.g. one gave no pair): nothing to resume, so the corrected command starts over here
+        for stale in glob.glob(os.path.join(output_dir, "round_*")):
+            shutil.rmtree(stale)
+        print(f"[dpo_lightning] {output_dir}: its run finished no round; starting over with the changed settings "
+              f"({', '.join(changed)})", flush=True)
     with atomic_open(path, encoding="utf-8") as f:
         json.dump(settings, f, indent=2, ensure_ascii=False)
 
