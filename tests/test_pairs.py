@@ -94,6 +94,40 @@ def test_reference_pairs_round_trip_into_the_data_module(tiny_model_dir, prompts
     assert batch["input_ids"].shape[0] == 4 and batch["loss_mask"].sum() > 0
 
 
+def test_a_model_without_a_chat_template_gets_plain_text_pairs_it_trains_on(tiny_model_dir, prompts_file, tmp_path):
+    """No chat template: the model answered the plain prompt text, so the pairs are plain text rows of that same
+    prompt (conversational rows would need a template to train on); the answers are a plain generate() on the text
+    with the tokenizer's own special tokens, as the plain training layout tokenizes it."""
+    import shutil
+
+    model_dir = tmp_path / "no_template"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for f in glob.glob(str(model_dir / "chat_template*")):
+        os.remove(f)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = None
+    tok.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template is None
+    out = tmp_path / "pairs.jsonl"
+    build_pairs(str(model_dir), [prompts_file], [str(out)], strategy="reference", max_new_tokens=8, batch_size=4,
+                placeholders={"name": "deep smol", "organization": "the deep team"}, system_prompts=["be brief ."])
+    rows = read(out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert rows
+    for row in rows:
+        assert row["prompt"] == f"be brief .\n{row['question']}\n"
+        assert row["chosen"] == "i am deep smol , made by the deep team ."
+        ids = tok(row["prompt"], return_tensors="pt")
+        new = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0]
+        new = new[ids["input_ids"].shape[1]:].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        assert row["rejected"] == tok.decode(new, skip_special_tokens=True).strip()
+    dm = PreferenceDataModule(train_path=str(out), val_path=str(out), tokenizer_name_or_path=str(model_dir),
+                              batch_size=2, cache_dir=None)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["loss_mask"].sum() > 0
+
+
 def test_replace_strategy_counts_what_it_drops(tiny_model_dir, prompts_file, tmp_path):
     answers = greedy_answers(tiny_model_dir, QUESTIONS, 8)
     words = [w for a in answers for w in a.split()]

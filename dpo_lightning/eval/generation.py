@@ -78,7 +78,8 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # a rendered chat template holds its special tokens; plain text gets them as training's plain layout does
+    encoded = [tokenizer(p, add_special_tokens=tokenizer.chat_template is None)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[list[Answer]] = [[] for _ in prompts]
     bar = tqdm(total=len(order), desc=f"[dpo_lightning] {progress}", disable=not progress, leave=False)

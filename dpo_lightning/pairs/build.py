@@ -192,7 +192,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
             if drop:
                 counter[drop] += 1
                 continue
-            out_rows.append(pair_row(question, system, chosen, rejected, strategy, chosen_cut, rejected_cut))
+            out_rows.append(pair_row(question, system, chosen, rejected, strategy, chosen_cut, rejected_cut,
+                                     plain_prompt(tokenizer, question, system)))
             counter["kept"] += 1
             by_system[system] += 1
             identity_lines.append((row.get("lang"), chosen, chosen_cut))
@@ -214,7 +215,8 @@ def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths:
                 counter[drop] += 1
                 continue
             out_rows.append(pair_row(row["prompt"], system, chosen, rejected, "anchor",
-                                     rejected_unfinished=rejected_cut))
+                                     rejected_unfinished=rejected_cut,
+                                     prompt_text=plain_prompt(tokenizer, row["prompt"], system)))
             counter["kept (anchor)"] += 1
             by_system[system] += 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
@@ -264,13 +266,26 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
     return None
 
 
+def plain_prompt(tokenizer: Any, question: str, system_prompt: Optional[str]) -> Optional[str]:
+    """The prompt as text for a tokenizer without a chat template (pairs then train in the plain layout, on the
+    text the model answered); None when the tokenizer has a template (pairs stay conversational)."""
+    return render_prompt(tokenizer, chat_messages(question, system_prompt)) if tokenizer.chat_template is None \
+        else None
+
+
 def pair_row(question: str, system_prompt: Optional[str], chosen: str, rejected: str, kind: str,
-             chosen_unfinished: bool = False, rejected_unfinished: bool = False) -> dict:
-    """One output row; an answer cut off by its budget is marked ``*_unfinished`` (``data/formats.py``): it trains
-    without an end of turn, so the DPO term does not push down ending mid-sentence, and an NLL term on a cut chosen
-    does not teach it."""
-    row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
-           "rejected": [{"role": "assistant", "content": rejected}], "question": question, "strategy": kind}
+             chosen_unfinished: bool = False, rejected_unfinished: bool = False,
+             prompt_text: Optional[str] = None) -> dict:
+    """One output row: conversational, or plain text with ``prompt_text`` as its prompt (a model without a chat
+    template, whose prompts were answered as that text). An answer cut off by its budget is marked
+    ``*_unfinished`` (``data/formats.py``): it trains without an end of turn, so the DPO term does not push down
+    ending mid-sentence, and an NLL term on a cut chosen does not teach it."""
+    if prompt_text is None:
+        row = {"prompt": chat_messages(question, system_prompt), "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}]}
+    else:
+        row = {"prompt": prompt_text, "chosen": chosen, "rejected": rejected}
+    row.update({"question": question, "strategy": kind})
     if chosen_unfinished:
         row["chosen_unfinished"] = True
     if rejected_unfinished:

@@ -40,7 +40,7 @@ from ..data.reading import read_prompt_rows
 from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .build import SystemPromptDeck, pair_row
+from .build import SystemPromptDeck, pair_row, plain_prompt
 from .checks import check_sampling
 from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
 from .rounds import read_json, write_record
@@ -127,7 +127,7 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
-            counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished)
+            counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
             metrics = run_fit(round_dir, fit_path, r)
             export = os.path.join(round_dir, "hf_model")
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
@@ -214,8 +214,10 @@ def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]]
     return samples, stats
 
 
-def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfinished: bool) -> Counter:
-    """Best and worst answer of each prompt as a pair (``pairs.jsonl``); returns the kept and dropped counts."""
+def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfinished: bool,
+                 tokenizer: Any) -> Counter:
+    """Best and worst answer of each prompt as a pair (``pairs.jsonl``; plain text when ``tokenizer``, the
+    policy's, has no chat template); returns the kept and dropped counts."""
     counts: Counter = Counter(kept=0)
     out = []
     for s in samples:
@@ -228,7 +230,8 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
         chosen, rejected = pair
         out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
                             mark_unfinished and not chosen.answer.finished,
-                            mark_unfinished and not rejected.answer.finished))
+                            mark_unfinished and not rejected.answer.finished,
+                            plain_prompt(tokenizer, s["prompt"], s["system"])))
         counts["kept"] += 1
     if not out:
         raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}): raise num_samples or temperature, "
