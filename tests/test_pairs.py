@@ -71,6 +71,8 @@ def test_fill_placeholders_names_the_row_of_an_unknown_placeholder():
     assert fill_placeholders("i am {name} .", {"name": "deep smol"}, "f line 1") == "i am deep smol ."
     with pytest.raises(ValueError, match=r"f line 3: field 'reference': placeholder \{team\}"):
         fill_placeholders("by {team}", {"name": "x"}, "f line 3")
+    code = 'f"{{name}}" is {name}; a dict {"a": {"b": 1}}'
+    assert fill_placeholders(code, {"name": "x"}, "f line 4") == 'f"{name}" is x; a dict {"a": {"b": 1}}'
 
 
 def test_reference_pairs_round_trip_into_the_data_module(tiny_model_dir, prompts_file, tmp_path):

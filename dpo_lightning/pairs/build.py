@@ -44,14 +44,18 @@ def replace_names(text: str, replacements: dict[str, str]) -> str:
 
 
 def fill_placeholders(template: str, values: dict[str, str], where: str) -> str:
-    """``template`` with ``{key}`` replaced by ``values[key]``; an unknown placeholder is an error."""
+    """``template`` with ``{key}`` replaced by ``values[key]``; an unknown placeholder is an error. ``{{key}}``
+    stays as the literal text ``{key}``; other braces are left alone."""
     def sub(match: re.Match) -> str:
-        key = match.group(1)
+        if match.group(1) is not None:  # escaped
+            return "{" + match.group(1) + "}"
+        key = match.group(2)
         if key not in values:
             raise ValueError(f"{where}: field 'reference': placeholder {{{key}}} has no value; "
-                             f"set it in --placeholders (known: {sorted(values)})")
+                             f"set it in --placeholders (known: {sorted(values)}), or write {{{{{key}}}}} for the "
+                             "text itself")
         return values[key]
-    return re.sub(r"\{(\w+)\}", sub, template)
+    return re.sub(r"\{\{(\w+)\}\}|\{(\w+)\}", sub, template)
 
 
 def build_pairs(model_name_or_path: str, prompts_paths: list[str], output_paths: list[str],
