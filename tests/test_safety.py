@@ -96,6 +96,24 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint(tiny_m
     assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
 
 
+def test_a_checkpoint_write_that_fails_names_the_file_and_the_space_and_keeps_the_previous(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    weights = {"state_dict": {"w": torch.zeros(256, 256)}, "optimizer_states": [{"m": [torch.zeros(256)]}]}
+    io.save_checkpoint({**weights, "global_step": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch raises when the disk fills during the write
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 900")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    size = f"{(256 * 256 + 256) * 4 / 2**30:.2f} GB"
+    with pytest.raises(OSError, match=rf"writing the checkpoint {path} failed \(.*unexpected pos.*\); the previous "
+                                      rf"one, if any, is kept. It needs about {size}, the disk holding it has .* free"):
+        io.save_checkpoint({**weights, "global_step": 2}, path)
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
 def test_the_cli_writes_checkpoints_through_the_atomic_writer(tiny_model_dir, pairs_jsonl, tmp_path):
     cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--trainer.max_epochs=1", "--trainer.max_steps=1",
                       "--export.enabled=false")

@@ -9,6 +9,8 @@ truncated ``last.ckpt``. Here the temporary file sits next to the checkpoint, is
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any, Optional
 
 import torch
@@ -28,8 +30,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) or storage_options:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_open(path, "wb") as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_open(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except (RuntimeError, OSError) as error:  # a full disk shows as torch's "unexpected pos ..." error
+            folder = os.path.dirname(os.path.abspath(path))
+            free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+            raise OSError(f"writing the checkpoint {path} failed ({error}); the previous one, if any, is kept. "
+                          f"It needs about {_gb(tensor_bytes(checkpoint))}, the disk holding it has {_gb(free)} "
+                          "free") from error
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB"
 
 
 def trim_checkpoint(state: dict[str, Any], keep_reference: bool, trainable: Optional[set[str]] = None) -> None:
