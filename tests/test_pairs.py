@@ -220,6 +220,25 @@ def test_bad_prompt_files_fail_before_the_model_loads(tmp_path):
         build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
     with pytest.raises(ValueError, match="needs --replacements"):
         build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="replace")
+    bad.write_text('{"prompt": [{"role": "user", "content": "hi"}], "reference": "x"}\n'
+                   '{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who ?"}], '
+                   '"reference": "y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: field 'prompt': a conversation with roles "
+                                         r"\['system', 'user'\]; a prompt file takes one question, as a string or "
+                                         r"one user message, and the system message comes from"):
+        build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
+
+
+def test_a_conversational_prompt_of_one_user_message_is_its_question(tiny_model_dir, tmp_path):
+    """TRL's prompt-only conversational rows build the same pairs as their text."""
+    texts = [{"prompt": q, "reference": "i am deep ."} for q in QUESTIONS[:3]]
+    messages = [{"prompt": [{"role": "user", "content": r["prompt"]}], "reference": r["reference"]} for r in texts]
+    out = {}
+    for name, rows in (("text", texts), ("messages", messages)):
+        out[name] = tmp_path / f"{name}_pairs.jsonl"
+        build_pairs(tiny_model_dir, [write_jsonl(tmp_path / f"{name}.jsonl", rows)], [str(out[name])],
+                    strategy="reference", max_new_tokens=4, batch_size=4)
+    assert read(out["messages"]) == read(out["text"]) and read(out["text"])
 
 
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "pairs", "*.yaml"))))

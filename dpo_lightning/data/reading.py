@@ -189,10 +189,22 @@ def read_rows(path: str, split: str = "train", on_bad_row: BadRowPolicy = "error
 
 
 def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows with a non-empty string ``prompt`` (prompt files for ``build-pairs``, probes and ``compare``)."""
+    """Rows with a non-empty string ``prompt`` (prompt files for ``build-pairs``, probes and ``compare``). A
+    conversational prompt of one user message (TRL's prompt-only format) is read as that message's text; the
+    system message comes from the command's system prompt settings, so a prompt that carries its own, or several
+    turns, is refused with the form to use."""
     rows = read_rows(path)
     for where, row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
+                and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str):
+            row["prompt"] = prompt = prompt[0]["content"]
+        elif isinstance(prompt, list):
+            roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in prompt]
+            raise PreferenceDataError(f"{where}: field 'prompt': a conversation with roles {roles}; a prompt file "
+                                      "takes one question, as a string or one user message, and the system "
+                                      "message comes from the system prompt settings (e.g. --system_prompts)")
+        if not isinstance(prompt, str) or not prompt.strip():
             raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string")
     return rows
 
