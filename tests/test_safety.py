@@ -70,6 +70,11 @@ def test_impossible_combinations_stop_before_any_model_loads(no_model_loading, t
         cli_main(fit_args(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, *extra))
 
 
+def test_flex_attention_training_on_cpu_is_refused_with_the_kernel_to_use(tiny_model_dir, pairs_jsonl, tmp_path):
+    with pytest.raises(ValueError, match="flex_attention trains on CUDA only.*use sdpa"):
+        fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, BATCH_1, "--model.attn_implementation=flex_attention")
+
+
 class _Interrupted(Exception):
     pass
 

@@ -99,6 +99,9 @@ class DPOModule(LightningModule):
         hp, loss = self.hparams, self.loss_settings
         trainer = self._trainer  # None when the module is used on its own
         if trainer is not None and trainer.strategy.root_device.type == "cpu":
+            if hp.attn_implementation == "flex_attention" and trainer.training:
+                raise ValueError("model.attn_implementation flex_attention trains on CUDA only: on CPU its backward "
+                                 "pass does not compile; use sdpa there (packing and prefix sharing work with it)")
             if keep_freed_memory():  # each step's activations reuse the last step's pages (host_memory.py)
                 self.resident_bound = ResidentBound(processes=trainer.world_size // max(trainer.num_nodes, 1))
         self.policy = self._load(hp.model_name_or_path).train()  # from_pretrained returns eval mode
