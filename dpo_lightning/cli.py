@@ -154,6 +154,8 @@ def cli_main(args: Optional[list[str]] = None) -> Optional[DPOLightningCLI]:
         raise ValueError("; ".join(hints))
     # the frozen reference stays in eval mode on purpose; Lightning's generic warning about it is noise
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # no validation split (val_fraction 0, the default) is an empty validation loader; Lightning warns about any
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts on Ampere and newer
     try:

@@ -2,8 +2,10 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -214,3 +216,14 @@ def test_a_fit_without_checkpointing_runs_and_writes_no_checkpoint(tiny_model_di
                             "--trainer.max_steps=1", "--export.enabled=false")
     assert cli.trainer.global_step == 1 and cli.trainer.checkpoint_callback is None
     assert not (log_dir / "checkpoints").exists()
+
+
+def test_a_fit_without_validation_data_trains_without_a_warning_about_it(tiny_model_dir, pairs_jsonl, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, "--data.val_fraction=0", "--trainer.max_steps=2",
+                          "--export.enabled=false")
+    assert cli.trainer.global_step == 2 and sum(cli.trainer.num_val_batches) == 0
+    about_validation = r"across ranks|val_dataloader|validation_step|validation loop"
+    noise = [str(w.message) for w in caught if re.search(about_validation, str(w.message))]
+    assert not noise, noise
