@@ -1,7 +1,11 @@
-"""Prints ``iterate`` runs round by round: ``python scripts/iterate_report.py RUN_DIR... [--paired TERM]``.
+"""Prints ``iterate`` runs round by round: ``python scripts/iterate_report.py RUN_DIR... [--by F] [--paired T]``.
 
 Per round: prompts sampled, pairs, the samples' mean reward, and on the held-out prompts the mean reward, each reward
 term's mean (the share of answers passing, for a 0/1 check) and the share of degenerate answers.
+
+``--by FIELD`` adds, per round, each reward term's held-out mean per value of a field of the held-out prompt rows
+(e.g. ``kind`` in ``data/arithmetic/heldout.jsonl``): a held-out answer is traced to its row by its ``where``
+(``PATH line N``).
 
 ``--paired TERM`` then compares the runs' last rounds two by two (the first run with the second, the third with the
 fourth, ...) prompt by prompt on a 0/1 reward term (e.g. ``right``): how many held-out prompts only one of the two
@@ -55,6 +59,38 @@ def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
     return pooled[0], pooled[1]
 
 
+def field_of(where: str, field: str, rows: dict[str, list[dict]]) -> str:
+    """``field`` of the prompt row that ``where`` (``PATH line N``) names; ``rows`` caches each file's rows."""
+    path, _, line = where.rpartition(" line ")
+    if path not in rows:
+        with open(path, encoding="utf-8") as f:
+            rows[path] = [json.loads(text) for text in f if text.strip()]
+    value = rows[path][int(line) - 1].get(field)
+    if value is None:
+        raise SystemExit(f"{where}: no field {field!r}")
+    return str(value)
+
+
+def by_field(run_dirs: list[str], field: str) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Print and return each round's held-out term means per value of ``field``: (run, round, value) -> means."""
+    rows, out = {}, {}
+    for run_dir in run_dirs:
+        run = os.path.basename(run_dir.rstrip("/"))
+        with open(os.path.join(run_dir, "rounds.json"), encoding="utf-8") as f:
+            rounds = [record["round"] for record in json.load(f)]
+        for number in rounds:
+            with open(os.path.join(run_dir, f"round_{number}", "eval.jsonl"), encoding="utf-8") as f:
+                answers = [json.loads(text) for text in f]
+            groups: dict[str, list[dict]] = {}
+            for answer in answers:
+                groups.setdefault(field_of(answer["where"], field, rows), []).append(answer["terms"])
+            for value, terms in sorted(groups.items()):
+                out[run, number, value] = {t: sum(x[t] for x in terms) / len(terms) for t in sorted(terms[0])}
+                print(f"{run} round {number}, {field} {value} ({len(terms)}): " + ", ".join(
+                    f"{t} {m:.3f}" for t, m in out[run, number, value].items()))
+    return out
+
+
 def main(run_dirs: list[str]) -> None:
     header = None
     for run_dir in run_dirs:
@@ -79,9 +115,13 @@ def main(run_dirs: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--by", metavar="FIELD",
+                        help="a field of the held-out prompt rows to break the figures down by")
     parser.add_argument("--paired", metavar="TERM",
                         help="a 0/1 reward term to compare the runs' last rounds on, two by two")
     args = parser.parse_args()
     main(args.run_dirs)
+    if args.by:
+        by_field(args.run_dirs, args.by)
     if args.paired:
         paired(args.run_dirs, args.paired)
