@@ -82,11 +82,18 @@ class DPOLightningCLI(LightningCLI):
             trainer, checkpoint = section.get("trainer") or {}, section.get("checkpoint") or {}
             folders = checkpoint_folders(trainer.get("default_root_dir"), checkpoint.get("dirpath"),
                                          trainer.get("logger"))
-            found = find_last_checkpoint(folders)
+            model, data = section.get("model") or {}, section.get("data") or {}
+            expected = {"model.model_name_or_path": model.get("model_name_or_path"),
+                        "data.train_path": data.get("train_path")}
+            found, skipped = find_last_checkpoint(folders, expected)
+            if skipped:
+                rank_zero_warn("[dpo_lightning] ckpt_path last: passed over the checkpoints of runs with another "
+                               "model or data: " + "; ".join(skipped))
             if found:
                 rank_zero_info(f"[dpo_lightning] ckpt_path last: {found}")
             else:
-                rank_zero_warn(f"[dpo_lightning] ckpt_path last: no {os.path.join(folders, 'last*.ckpt')}; "
+                rank_zero_warn(f"[dpo_lightning] ckpt_path last: no {os.path.join(folders, 'last.ckpt')} (a glob "
+                               "pattern) of this model and data; "
                                f"{subcommand} starts from model.model_name_or_path")
             section["ckpt_path"] = found
         given = copy.deepcopy(section.get("model"))

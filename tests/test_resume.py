@@ -107,6 +107,42 @@ def test_ckpt_path_last_resumes_the_newest_run_and_names_replaced_settings(tiny_
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_so_and_trains(tiny_model_dir, pairs_jsonl, tmp_path):
-    with pytest.warns(UserWarning, match=r"ckpt_path last: no .*last\*\.ckpt; fit starts from model"):
+    with pytest.warns(UserWarning, match=r"ckpt_path last: no .*last\.ckpt \(a glob pattern\) of this model and data; "
+                                         r"fit starts from model"):
         fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *RUN, "--ckpt_path=last", "--trainer.max_epochs=1")
     assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ckpt_path_last_looks_where_the_configured_logger_wrote_and_passes_over_other_runs(tiny_model_dir,
+                                                                                          pairs_jsonl, tmp_path):
+    """With a CSV logger the checkpoints are under its save_dir/name; a run of other training data is passed over,
+    named, even when it is the newest."""
+    csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}",
+           "--trainer.logger.name=runs", "--export.enabled=false"]
+    fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *RUN, *csv, "--trainer.max_steps=2")
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(open(pairs_jsonl, "rb").read())
+    fit_tiny(tmp_path, tiny_model_dir, other, *RUN, *csv, "--trainer.max_steps=1")  # newest, other data
+    passed_over = r"passed over .*version_1.*last\.ckpt \(data\.train_path '.*other\.jsonl'\)"
+    with pytest.warns(UserWarning, match=passed_over):
+        cli, _ = fit_tiny(tmp_path, tiny_model_dir, pairs_jsonl, *RUN, *csv, "--ckpt_path=last",
+                          "--trainer.max_steps=3")
+    assert cli.config.fit.ckpt_path == str(tmp_path / "csv" / "runs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert cli.trainer.global_step == 3
+
+
+def test_ckpt_path_last_finds_a_run_without_a_logger_and_never_the_guards_last_good(tmp_path):
+    import time
+
+    from dpo_lightning.training.resume import checkpoint_folders, find_last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("last.ckpt", "last-v1.ckpt", "last_good.ckpt"):  # written in this order: last_good newest
+        (folder / name).write_bytes(b"x")
+        time.sleep(0.02)
+    pattern = checkpoint_folders(str(tmp_path), None, False)
+    assert pattern == str(folder)
+    assert find_last_checkpoint(pattern) == (str(folder / "last-v1.ckpt"), [])
+    assert checkpoint_folders(str(tmp_path), None, [{"class_path": "CSVLogger", "init_args": {
+        "save_dir": "/x", "name": "n"}}]) == os.path.join("/x", "n", "*", "checkpoints")

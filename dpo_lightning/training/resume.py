@@ -1,20 +1,28 @@
-"""What ``--ckpt_path`` means on the command line: ``last`` finds the newest ``last.ckpt`` of earlier runs, and the
-model settings a checkpoint restores are compared with the ones the command gave."""
+"""What ``--ckpt_path`` means on the command line: ``last`` finds the newest ``last.ckpt`` of earlier runs of the same
+model and data, and the model settings a checkpoint restores are compared with the ones the command gave."""
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Any, Mapping, Optional
 
 
 def checkpoint_folders(root_dir: Optional[str], dirpath: Optional[str], logger: Any) -> str:
-    """The folders (a glob pattern) whose ``last*.ckpt`` files ``--ckpt_path last`` chooses from: the checkpoint
+    """The folders (a glob pattern) whose ``last.ckpt`` files ``--ckpt_path last`` chooses from: the checkpoint
     section's ``dirpath`` when set, else every run's ``checkpoints/`` under the logger's folder
-    (``<root>/lightning_logs/version_*`` by default; a TensorBoard or CSV logger's ``save_dir`` and ``name``)."""
+    (``<root>/lightning_logs/version_*`` by default; a TensorBoard or CSV logger's ``save_dir`` and ``name``, the
+    first one's of several), or ``<root>/checkpoints`` without a logger (Lightning's places)."""
     if dirpath:
         return glob.escape(dirpath)
     root = root_dir or os.getcwd()
+    if logger is False:
+        return os.path.join(glob.escape(root), "checkpoints")
+    if isinstance(logger, (list, tuple)):
+        logger = logger[0] if logger else None
+    if hasattr(logger, "as_dict"):  # the parsed config holds jsonargparse namespaces
+        logger = logger.as_dict()
     save_dir, name = root, "lightning_logs"
     if isinstance(logger, Mapping):  # a logger section: class_path + init_args
         args = logger.get("init_args") or {}
@@ -23,11 +31,41 @@ def checkpoint_folders(root_dir: Optional[str], dirpath: Optional[str], logger: 
     return os.path.join(glob.escape(save_dir), glob.escape(name), "*", "checkpoints")
 
 
-def find_last_checkpoint(folders: str) -> Optional[str]:
-    """The most recently written ``last*.ckpt`` in the ``folders`` pattern (``last.ckpt``, or ``last-v1.ckpt`` when
-    a run saved into a folder that already held one), or None."""
-    found = [p for p in glob.glob(os.path.join(folders, "last*.ckpt")) if os.path.isfile(p)]
-    return max(found, key=os.path.getmtime) if found else None
+def _same_path(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return a == b
+
+
+def other_run(checkpoint: str, expected: Mapping[str, Any]) -> Optional[str]:
+    """Why ``checkpoint`` belongs to a run with other settings: the first ``expected`` key (``"model.
+    model_name_or_path"``) whose value in the run's saved ``config.yaml`` (beside its ``checkpoints/``) differs,
+    as ``key 'saved'``; None when they agree or the run saved no config."""
+    import yaml
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    try:
+        with open(config, encoding="utf-8") as f:
+            saved = flatten(yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        return None
+    for key, value in expected.items():
+        if key in saved and not _same_path(saved[key], value):
+            return f"{key} {saved[key]!r}"
+    return None
+
+
+def find_last_checkpoint(folders: str, expected: Mapping[str, Any] = {}) -> tuple[Optional[str], list[str]]:
+    """The most recently written ``last.ckpt`` (or ``last-vN.ckpt``, when a run saved into a folder that already
+    held one) in the ``folders`` pattern whose run agrees with ``expected`` (:func:`other_run`), or None; and the
+    checkpoints passed over, each with the setting that differs."""
+    found = [p for p in glob.glob(os.path.join(folders, "last*.ckpt"))
+             if os.path.isfile(p) and re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(p))]
+    skipped, kept = [], []
+    for path in found:
+        reason = other_run(path, expected)
+        (skipped.append(f"{path} ({reason})") if reason else kept.append(path))
+    return (max(kept, key=os.path.getmtime) if kept else None), skipped
 
 
 def flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
