@@ -146,11 +146,12 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "fit": bogus, "output_dir": str(tmp_path / "bogus")})
     assert not (tmp_path / "bogus" / "iterate.json").exists()
     assert not (tmp_path / "bogus" / "round_1" / "samples.jsonl").exists()
-    # a folder holding a run with other settings that finished a round is refused, naming what changed
+    # a folder holding a run with other settings that got as far as a round's pairs (killed in its fit, say) is
+    # refused, naming what changed
     run = tmp_path / "run"
     (run / "round_1").mkdir(parents=True)
     (run / "iterate.json").write_text(json.dumps({"seed": 1}))
-    (run / "round_1" / "round.json").write_text(json.dumps({"round": 1}))
+    (run / "round_1" / "pairs.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match=r"holds a run with other settings \(.*seed.*\)"):
         iterate(**iterate_inputs)
 
@@ -166,7 +167,7 @@ def test_a_run_that_gave_no_pair_reruns_in_its_folder_with_corrected_settings(it
         assert len(json.loads(f.readline())["answers"]) == 2
     with pytest.raises(RuntimeError, match="no prompt gave a pair"):
         iterate(**{**settings, "num_samples": 3})
-    assert "finished no round; starting over with the changed settings (num_samples)" in capsys.readouterr().out
+    assert "made no pairs; starting over with the changed settings (num_samples)" in capsys.readouterr().out
     with open(samples) as f:
         assert len(json.loads(f.readline())["answers"]) == 3
 

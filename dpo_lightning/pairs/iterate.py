@@ -167,13 +167,14 @@ def _claim(output_dir: str, settings: dict[str, Any]) -> None:
     earlier = read_json(path)
     if earlier is not None and earlier != settings:
         changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
-        if glob.glob(os.path.join(output_dir, "round_[1-9]*", "round.json")):
+        rounds = [d for d in glob.glob(os.path.join(glob.escape(output_dir), "round_*")) if os.path.isdir(d)]
+        if any(os.path.exists(os.path.join(d, "pairs.jsonl")) for d in rounds):
             raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)}); use another "
                              "--output_dir or remove it")
-        # no round finished (e.g. one gave no pair): nothing to resume, so the corrected command starts over here
-        for stale in glob.glob(os.path.join(output_dir, "round_*")):
+        # no round got as far as its pairs (e.g. none gave one): only samples to lose, so the command starts over
+        for stale in rounds:
             shutil.rmtree(stale)
-        print(f"[dpo_lightning] {output_dir}: its run finished no round; starting over with the changed settings "
+        print(f"[dpo_lightning] {output_dir}: its run made no pairs; starting over with the changed settings "
               f"({', '.join(changed)})", flush=True)
     with atomic_open(path, encoding="utf-8") as f:
         json.dump(settings, f, indent=2, ensure_ascii=False)
