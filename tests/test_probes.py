@@ -80,6 +80,30 @@ def test_answer_nll_by_hand(tiny_model_dir):
         assert got == pytest.approx(want, rel=1e-5) and got_n == want_n
 
 
+def test_answer_nll_of_plain_text_scores_the_tokens_training_sees(tiny_model_dir):
+    """A tokenizer without a chat template that adds a BOS: the answer is scored after the BOS + prompt tokens of
+    the plain training layout (``tokenize_pair``), closed by the end of sequence."""
+    from tokenizers.processors import TemplateProcessing
+
+    from dpo_lightning.data.formats import PreferencePair
+    from dpo_lightning.data.tokenize import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    question, answer = "who are you ?", "i am deep smol ."
+    pair = tokenize_pair(PreferencePair(question + "\n", answer, "no .", "row 1"), tok)
+    assert pair.prompt_ids[0] == bos
+    ids = pair.prompt_ids + pair.chosen_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    want = -sum(logp[t - 1, ids[t]].item() for t in range(len(pair.prompt_ids), len(ids)))
+    [(got, n)] = answer_nlls(model, tok, [question], [answer], None)
+    assert got == pytest.approx(want, rel=1e-5) and n == len(pair.chosen_ids)
+
+
 def test_compare_prints_the_table_and_writes_the_figures(tiny_model_dir, tiny_reference_dir, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you ?"}, {"prompt": "what is your name ?"}])
     general = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "what color is the sky ?"},

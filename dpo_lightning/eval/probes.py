@@ -89,16 +89,17 @@ def answer_nlls(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ques
     out_rows: list[tuple[float, int]] = []
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
+    special = tokenizer.chat_template is None  # plain text gets the special tokens, as in training and generation
     for start in range(0, len(questions), batch_size):
         rows = []
         for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size]):
             messages = chat_messages(q, system_prompt)
-            prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=special)["input_ids"]
             if tokenizer.chat_template is not None:
                 full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False)
             else:
                 full = render_prompt(tokenizer, messages) + a + (tokenizer.eos_token or "")
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(full, add_special_tokens=special)["input_ids"]
             n_prompt = common_prefix_length(prompt_ids, ids)
             rows.append((ids[:n_prompt], ids[n_prompt:]))
         batch = completion_batch(rows, pad_id)
