@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 
 def last_eval(run_dir: str) -> tuple[int, dict[str, dict]]:
@@ -59,13 +60,18 @@ def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
     return pooled[0], pooled[1]
 
 
-def field_of(where: str, field: str, rows: dict[str, list[dict]]) -> str:
-    """``field`` of the prompt row that ``where`` (``PATH line N``) names; ``rows`` caches each file's rows."""
-    path, _, line = where.rpartition(" line ")
+def field_of(where: str, field: str, rows: dict[str, dict[str, dict]]) -> str:
+    """``field`` of the prompt row that ``where`` (``PATH line N`` or ``PATH row N``, as ``iterate`` records it)
+    names; ``rows`` caches each file's rows by their location."""
+    from dpo_lightning.data.reading import read_rows
+
+    found = re.fullmatch(r"(.*) (?:line|row) \d+", where)
+    if found is None:
+        raise SystemExit(f"{where}: not a prompt row's location")
+    path = found.group(1)
     if path not in rows:
-        with open(path, encoding="utf-8") as f:
-            rows[path] = [json.loads(text) for text in f if text.strip()]
-    value = rows[path][int(line) - 1].get(field)
+        rows[path] = dict(read_rows(path))
+    value = rows[path].get(where, {}).get(field)
     if value is None:
         raise SystemExit(f"{where}: no field {field!r}")
     return str(value)
