@@ -111,11 +111,20 @@ def test_a_checkpoint_write_that_fails_names_the_file_and_the_space_and_keeps_th
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 900")
 
     monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
-    size = f"{(256 * 256 + 256) * 4 / 2**30:.2f} GB"
+    assert checkpoint_io.tensor_bytes(weights) == (256 * 256 + 256) * 4 == 263168
     with pytest.raises(OSError, match=rf"writing the checkpoint {path} failed \(.*unexpected pos.*\); the previous "
-                                      rf"one, if any, is kept. It needs about {size}, the disk holding it has .* free"):
+                                      r"one, if any, is kept. It needs about 0.25 MB, the disk holding it has "
+                                      r"\d+\.\d\d [MG]B free"):
         io.save_checkpoint({**weights, "global_step": 2}, path)
     assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+    def no_permission(obj, f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", no_permission)  # not a matter of space: none is quoted
+    with pytest.raises(OSError, match=r"Permission denied\); the previous one, if any, is kept$"):
+        io.save_checkpoint({**weights, "global_step": 2}, path)
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 

@@ -9,6 +9,7 @@ truncated ``last.ckpt``. Here the temporary file sits next to the checkpoint, is
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any, Optional
@@ -33,12 +34,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_open(path, "wb") as f:
                 torch.save(checkpoint, f)
-        except (RuntimeError, OSError) as error:  # a full disk shows as torch's "unexpected pos ..." error
-            folder = os.path.dirname(os.path.abspath(path))
-            free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-            raise OSError(f"writing the checkpoint {path} failed ({error}); the previous one, if any, is kept. "
-                          f"It needs about {_gb(tensor_bytes(checkpoint))}, the disk holding it has {_gb(free)} "
-                          "free") from error
+        except (RuntimeError, OSError) as error:
+            # a full disk shows as ENOSPC, or as torch's "unexpected pos ..." from its zip writer
+            full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+            if not full and not isinstance(error, OSError):
+                raise
+            message = f"writing the checkpoint {path} failed ({error}); the previous one, if any, is kept"
+            if full:
+                folder = os.path.dirname(os.path.abspath(path))
+                message += (f". It needs about {_size(tensor_bytes(checkpoint))}, the disk holding it has "
+                            f"{_size(shutil.disk_usage(folder).free)} free")
+            raise OSError(message) from error
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -52,8 +58,8 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GB"
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.2f} MB"
 
 
 def trim_checkpoint(state: dict[str, Any], keep_reference: bool, trainable: Optional[set[str]] = None) -> None:
