@@ -227,6 +227,10 @@ def test_bad_prompt_files_fail_before_the_model_loads(tmp_path):
                                          r"\['system', 'user'\]; a prompt file takes one question, as a string or "
                                          r"one user message, and the system message comes from"):
         build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
+    bad.write_text('{"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "reference": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: field 'prompt': the user message's content must be a "
+                                         r"string, got list"):
+        build_pairs("/nonexistent/model", [str(bad)], [str(tmp_path / "o.jsonl")], strategy="reference")
 
 
 def test_a_conversational_prompt_of_one_user_message_is_its_question(tiny_model_dir, tmp_path):

@@ -199,6 +199,10 @@ def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
                 and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str):
             row["prompt"] = prompt = prompt[0]["content"]
+        elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
+                and prompt[0].get("role") == "user":
+            raise PreferenceDataError(f"{where}: field 'prompt': the user message's content must be a string, got "
+                                      f"{type(prompt[0].get('content')).__name__}")
         elif isinstance(prompt, list):
             roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in prompt]
             raise PreferenceDataError(f"{where}: field 'prompt': a conversation with roles {roles}; a prompt file "
