@@ -271,8 +271,8 @@ def _drop_reason(chosen: str, rejected: str, answer: str, strategy: str, finishe
 
 
 def plain_prompt(tokenizer: Any, question: str, system_prompt: Optional[str]) -> Optional[str]:
-    """The prompt as text for a tokenizer without a chat template (pairs then train in the plain layout, on the
-    text the model answered); None when the tokenizer has a template (pairs stay conversational)."""
+    """The prompt as text for a tokenizer without a chat template (pairs then train in the plain layout on this
+    text, under ``system_prompt``); None when the tokenizer has a template (pairs stay conversational)."""
     return render_prompt(tokenizer, chat_messages(question, system_prompt)) if tokenizer.chat_template is None \
         else None
 
