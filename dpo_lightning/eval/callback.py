@@ -76,7 +76,7 @@ class GenerationProbes(Callback):
         self.base_nll = [None] * len(self.system_prompts)
         self.general_answers = [[] for _ in self.system_prompts]
         if self.general_path:
-            tokenizer = trainer.datamodule.tokenizer
+            tokenizer = trainer.datamodule.load_tokenizer()
             questions, answers = read_general(self.general_path)
             with base as model:
                 for i, system in enumerate(self.system_prompts):
@@ -90,7 +90,7 @@ class GenerationProbes(Callback):
             raise ValueError("probes: generation probes run on global rank 0 and need the whole model, which FSDP "
                              "shards; set probes.prompts_path to null and run `compare` on the exported model")
         if self.enabled and trainer.datamodule is not None:  # a refused system prompt fails now, not after training
-            tokenizer = trainer.datamodule.tokenizer
+            tokenizer = trainer.datamodule.load_tokenizer()
             for i, system in enumerate(self.system_prompts):
                 try:
                     render_prompt(tokenizer, chat_messages("?", system))
@@ -120,7 +120,7 @@ class GenerationProbes(Callback):
         values = {}
         if trainer.is_global_zero:
             self._prepare(trainer, pl_module, pl_module.reference.open())
-            tokenizer = trainer.datamodule.tokenizer
+            tokenizer = trainer.datamodule.load_tokenizer()
             self.last_reports = [probe(pl_module.policy, tokenizer, self.questions, self.name, system,
                                        self.max_new_tokens, self.batch_size, self.general_questions,
                                        self.general_answers[i]) for i, system in enumerate(self.system_prompts)]
