@@ -55,7 +55,8 @@ def other_run(checkpoint: str, expected: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def find_last_checkpoint(folders: str, expected: Mapping[str, Any] = {}) -> tuple[Optional[str], list[str]]:
+def find_last_checkpoint(folders: str, expected: Optional[Mapping[str, Any]] = None
+                         ) -> tuple[Optional[str], list[str]]:
     """The most recently written ``last.ckpt`` (or ``last-vN.ckpt``, when a run saved into a folder that already
     held one) in the ``folders`` pattern whose run agrees with ``expected`` (:func:`other_run`), or None; and the
     checkpoints passed over, each with the setting that differs."""
@@ -63,8 +64,11 @@ def find_last_checkpoint(folders: str, expected: Mapping[str, Any] = {}) -> tupl
              if os.path.isfile(p) and re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(p))]
     skipped, kept = [], []
     for path in found:
-        reason = other_run(path, expected)
-        (skipped.append(f"{path} ({reason})") if reason else kept.append(path))
+        reason = other_run(path, expected or {})
+        if reason:
+            skipped.append(f"{path} ({reason})")
+        else:
+            kept.append(path)
     return (max(kept, key=os.path.getmtime) if kept else None), skipped
 
 
