@@ -2,6 +2,7 @@
 round 1's export; the reference choice; a run killed mid-round resumes to the uninterrupted result; the record."""
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -274,6 +275,28 @@ def test_arithmetic_held_out_problems_are_never_sampled():
     assert not train_phrasings & held_out_phrasings and len(held_out_phrasings) == 2
 
 
+def test_the_arithmetic_files_are_what_their_script_writes(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_prompts", os.path.join(ROOT, "data", "arithmetic",
+                                                                               "make_prompts.py"))
+    make_prompts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_prompts)
+    make_prompts.main(str(tmp_path))
+    for name in ("train.jsonl", "heldout.jsonl"):
+        with open(tmp_path / name, "rb") as written, open(os.path.join(ROOT, "data", "arithmetic", name), "rb") as f:
+            assert written.read() == f.read(), name
+    # the two-digit mix: half of each kind, no problem both sampled and held out, and the small ones as above
+    make_prompts.main(str(tmp_path / "mix"), two_digit=True)
+    mix = {name: [json.loads(line) for line in (tmp_path / "mix" / name).read_text().splitlines()]
+           for name in ("train.jsonl", "heldout.jsonl")}
+    for name, per_kind in (("train.jsonl", 128), ("heldout.jsonl", 120)):
+        kinds = [row["kind"] for row in mix[name]]
+        assert kinds.count("small") == kinds.count("two_digit") == per_kind, name
+    train, held_out = ({re.search(r"\d+ [+\-×] \d+", row["prompt"]).group(0) for row in mix[name]}
+                       for name in ("train.jsonl", "heldout.jsonl"))
+    assert len(train) == 256 and len(held_out) == 240 and not train & held_out
+    assert all(max(map(int, re.findall(r"\d+", row["prompt"]))) <= 20 for row in mix["heldout.jsonl"][:120])
+
+
 def test_a_last_epoch_without_a_logged_step_gives_the_latest_logged_figures(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -291,3 +314,27 @@ def test_a_last_epoch_without_a_logged_step_gives_the_latest_logged_figures(tmp_
     write_record(str(tmp_path), [{"round": 0, "eval": {"reward_mean": 1.0}},
                                  {"round": 1, "eval": {"reward_mean": 2.0}, "fit": {"train/loss": math.nan}}])
     assert os.path.getsize(tmp_path / "rounds.png") > 0
+
+
+def test_iterate_report_breaks_held_out_figures_down_by_a_field_of_the_prompt_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import iterate_report
+
+    held = tmp_path / "held.jsonl"  # a blank line counts: the answers name their rows by the file's line numbers
+    rows = [{"prompt": f"q{i}", "kind": kind} for i, kind in enumerate(["easy", "hard", "hard", "easy"])]
+    held.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    lines = [1, 2, 4, 5]
+    run = tmp_path / "run"
+    (run / "rounds.json").parent.mkdir()
+    (run / "rounds.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
+    for number, right in ((0, [1, 0, 0, 0]), (1, [1, 1, 0, 1])):  # lines 1 and 4 are easy, 2 and 3 hard
+        os.makedirs(run / f"round_{number}")
+        write_jsonl(run / f"round_{number}" / "eval.jsonl", [{"where": f"{held} line {line}",
+                                                              "terms": {"right": v, "form": 1.0}}
+                                                             for line, v in zip(lines, right)])
+    got = iterate_report.by_field([str(run)], "kind")
+    assert got == {("run", 0, "easy"): {"form": 1.0, "right": 0.5}, ("run", 0, "hard"): {"form": 1.0, "right": 0.0},
+                   ("run", 1, "easy"): {"form": 1.0, "right": 1.0}, ("run", 1, "hard"): {"form": 1.0, "right": 0.5}}
+    assert "run round 1, kind hard (2): form 1.000, right 0.500" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="line 1: no field 'level'"):
+        iterate_report.by_field([str(run)], "level")

@@ -5,17 +5,25 @@ numbers up to 20 and products of one-digit numbers, each asking for a last line 
 ``train.jsonl`` is sampled for training; ``heldout.jsonl`` holds all other operand pairs and two phrasings that appear
 in no training prompt, and is only answered for evaluation. Run from the repository root:
 ``python data/arithmetic/make_prompts.py``.
+
+``--two_digit --out_dir DIR`` writes a harder mix instead (docs/iterate.md, "Where the initial model is rarely
+right, do the rounds help?"): half of each file small problems as above, half sums and differences of two-digit
+numbers (10 to 99), each row's ``kind`` saying which; 128 + 128 sampled problems, shuffled, and 120 + 120 other
+ones held out, the small ones first.
 """
 
+import argparse
 import json
 import os
 import random
+from typing import Optional
 
 TRAIN_PHRASINGS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?",
                    "Calculate {a} {op} {b}.", "Work out {a} {op} {b}."]
 HELDOUT_PHRASINGS = ["Could you tell me what {a} {op} {b} equals?", "Find the value of {a} {op} {b}."]
 FORMAT = " Finish with a line of the form 'Answer: <number>'."
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+TRAIN_PER_KIND, HELDOUT_PER_KIND = 128, 120  # the two-digit mix
 
 
 def operands(rng: random.Random, op: str) -> tuple[int, int]:
@@ -25,20 +33,47 @@ def operands(rng: random.Random, op: str) -> tuple[int, int]:
     return (max(a, b), min(a, b)) if op == "-" else (a, b)
 
 
-def main() -> None:
+def two_digit_operands(rng: random.Random, op: str) -> tuple[int, int]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return (max(a, b), min(a, b)) if op == "-" else (a, b)
+
+
+def write(out_dir: str, name: str, problems: list[tuple], phrasings: list[str]) -> None:
+    """One row per problem (operation, operands, and its kind in the two-digit mix): the prompt, the result as
+    ``answer``, and ``kind`` when given."""
+    with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+        for k, (op, a, b, *kind) in enumerate(problems):
+            row = {"prompt": phrasings[k % len(phrasings)].format(a=a, op=op, b=b) + FORMAT,
+                   "answer": str(OPERATIONS[op](a, b)), **({"kind": kind[0]} if kind else {})}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(out_dir: Optional[str] = None, two_digit: bool = False) -> None:
+    out_dir = out_dir or os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(0)
     problems = sorted({(op, *operands(rng, op)) for op in OPERATIONS for _ in range(400)})
     rng.shuffle(problems)
-    # every problem not sampled for training is held out: 233 of them, enough to separate two recipes by a few points
-    splits = {"heldout": (problems[:64] + problems[320:], HELDOUT_PHRASINGS),
-              "train": (problems[64:320], TRAIN_PHRASINGS)}
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name, (chosen, phrasings) in splits.items():
-        with open(os.path.join(here, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for k, (op, a, b) in enumerate(chosen):
-                prompt = phrasings[k % len(phrasings)].format(a=a, op=op, b=b) + FORMAT
-                f.write(json.dumps({"prompt": prompt, "answer": str(OPERATIONS[op](a, b))}, ensure_ascii=False) + "\n")
+    if not two_digit:
+        # every problem not sampled for training is held out: 233 of them, enough to separate two recipes by a few
+        # points
+        write(out_dir, "heldout", problems[:64] + problems[320:], HELDOUT_PHRASINGS)
+        write(out_dir, "train", problems[64:320], TRAIN_PHRASINGS)
+        return
+    small = [(*p, "small") for p in problems]
+    harder = sorted({(op, *two_digit_operands(rng, op)) for op in "+-" for _ in range(200)})
+    rng.shuffle(harder)
+    known = set(problems)  # a problem such as 12 - 11 is of both kinds: kept as a small one
+    harder = [(*p, "two_digit") for p in harder if p not in known]
+    end = TRAIN_PER_KIND + HELDOUT_PER_KIND
+    train = small[:TRAIN_PER_KIND] + harder[:TRAIN_PER_KIND]
+    rng.shuffle(train)  # each round's prompts mix both kinds
+    write(out_dir, "train", train, TRAIN_PHRASINGS)
+    write(out_dir, "heldout", small[TRAIN_PER_KIND:end] + harder[TRAIN_PER_KIND:end], HELDOUT_PHRASINGS)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", help="where to write train.jsonl and heldout.jsonl (default: beside this file)")
+    parser.add_argument("--two_digit", action="store_true", help="the mix with two-digit sums and differences")
+    main(**vars(parser.parse_args()))
