@@ -134,6 +134,11 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "fit": adapter})
     with pytest.raises(ValueError, match="model.model_name_or_path is required"):
         iterate(**{**iterate_inputs, "fit": {"model": {}}})
+    fit = iterate_inputs["fit"]  # a kernel that cannot train here stops the run before round 1 samples
+    flex = {**fit, "model": {**fit["model"], "attn_implementation": "flex_attention"},
+            "trainer": {**(fit.get("trainer") or {}), "accelerator": "cpu"}}
+    with pytest.raises(ValueError, match="flex_attention trains on CUDA only"):
+        iterate(**{**iterate_inputs, "fit": flex})
     no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [{"prompt": "what is 3 + 3 ?"}])
     with pytest.raises(ValueError, match=r"no_answer.jsonl line 1: field 'answer'"):
         iterate(**{**iterate_inputs, "eval_prompts_path": no_answer})

@@ -11,6 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
 
+def check_attention_trains_on(attn_implementation: Optional[str], device_type: str) -> None:
+    """Refuse an attention kernel that cannot train on ``device_type`` ("cpu", "cuda")."""
+    if attn_implementation == "flex_attention" and device_type == "cpu":
+        raise ValueError("model.attn_implementation flex_attention trains on CUDA only: on CPU its backward pass does "
+                         "not compile; use sdpa there (packing and prefix sharing work with it)")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``; a tokenizer without a pad token pads with its EOS token (as TRL)."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

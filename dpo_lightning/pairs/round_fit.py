@@ -10,9 +10,11 @@ import subprocess
 import sys
 from typing import Any, Optional, Union
 
+import torch
 import yaml
 
 from ..atomic import atomic_open
+from ..model.loading import check_attention_trains_on
 from .rounds import read_json
 
 # fit scalars kept in the record: TRL's DPO metric names and the probes
@@ -58,6 +60,9 @@ def fit_sections(fit: Union[str, dict]) -> dict[str, Any]:
         raise ValueError("fit: data.train_path is set, but iterate trains each round on its own pairs; remove it")
     if ((model.get("lora") or {}).get("lora_export") or "merged") != "merged":
         raise ValueError("fit: model.lora.lora_export must be 'merged': the next round samples from the export")
+    accelerator = (config.get("trainer") or {}).get("accelerator") or "auto"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    check_attention_trains_on(model.get("attn_implementation"), "cpu" if on_cpu else "cuda")  # before any sampling
     return config
 
 

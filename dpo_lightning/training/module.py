@@ -15,7 +15,7 @@ from ..data.collate import PreferenceBatch
 from ..losses import PairLogps, combine_losses, wpo_weights
 from ..model import lora as lora_module
 from ..model.compile import compile_decoder_layers
-from ..model.loading import DType, load_causal_lm
+from ..model.loading import DType, check_attention_trains_on, load_causal_lm
 from ..model.logprobs import ResponseLogps, response_logps, router_aux_coef
 from ..model.prefix_sharing import choose_layout, shared_prefix_logps
 from .accumulation import accumulation_weight
@@ -99,9 +99,8 @@ class DPOModule(LightningModule):
         hp, loss = self.hparams, self.loss_settings
         trainer = self._trainer  # None when the module is used on its own
         if trainer is not None and trainer.strategy.root_device.type == "cpu":
-            if hp.attn_implementation == "flex_attention" and trainer.training:
-                raise ValueError("model.attn_implementation flex_attention trains on CUDA only: on CPU its backward "
-                                 "pass does not compile; use sdpa there (packing and prefix sharing work with it)")
+            if trainer.training:
+                check_attention_trains_on(hp.attn_implementation, "cpu")
             if keep_freed_memory():  # each step's activations reuse the last step's pages (host_memory.py)
                 self.resident_bound = ResidentBound(processes=trainer.world_size // max(trainer.num_nodes, 1))
         self.policy = self._load(hp.model_name_or_path).train()  # from_pretrained returns eval mode
