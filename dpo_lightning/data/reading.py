@@ -196,13 +196,14 @@ def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
     rows = read_rows(path)
     for where, row in rows:
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
-                and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str):
-            row["prompt"] = prompt = prompt[0]["content"]
-        elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
-                and prompt[0].get("role") == "user":
-            raise PreferenceDataError(f"{where}: field 'prompt': the user message's content must be a string, got "
-                                      f"{type(prompt[0].get('content')).__name__}")
+        one_user = isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
+            and prompt[0].get("role") == "user"
+        if one_user:
+            content = prompt[0].get("content")
+            if not isinstance(content, str):
+                raise PreferenceDataError(f"{where}: field 'prompt': the user message's content must be a string, "
+                                          f"got {type(content).__name__}")
+            row["prompt"] = prompt = content
         elif isinstance(prompt, list):
             roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in prompt]
             raise PreferenceDataError(f"{where}: field 'prompt': a conversation with roles {roles}; a prompt file "

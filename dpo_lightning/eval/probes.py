@@ -95,10 +95,10 @@ def answer_nlls(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ques
         for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size]):
             messages = chat_messages(q, system_prompt)
             prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=special)["input_ids"]
-            if tokenizer.chat_template is not None:
-                full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False)
-            else:
+            if special:
                 full = render_prompt(tokenizer, messages) + a + (tokenizer.eos_token or "")
+            else:
+                full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False)
             ids = tokenizer(full, add_special_tokens=special)["input_ids"]
             n_prompt = common_prefix_length(prompt_ids, ids)
             rows.append((ids[:n_prompt], ids[n_prompt:]))
