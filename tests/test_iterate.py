@@ -284,17 +284,27 @@ def test_the_arithmetic_files_are_what_their_script_writes(tmp_path):
     for name in ("train.jsonl", "heldout.jsonl"):
         with open(tmp_path / name, "rb") as written, open(os.path.join(ROOT, "data", "arithmetic", name), "rb") as f:
             assert written.read() == f.read(), name
-    # the two-digit mix: half of each kind, no problem both sampled and held out, and the small ones as above
-    make_prompts.main(str(tmp_path / "mix"), two_digit=True)
-    mix = {name: [json.loads(line) for line in (tmp_path / "mix" / name).read_text().splitlines()]
-           for name in ("train.jsonl", "heldout.jsonl")}
-    for name, per_kind in (("train.jsonl", 128), ("heldout.jsonl", 120)):
-        kinds = [row["kind"] for row in mix[name]]
-        assert kinds.count("small") == kinds.count("two_digit") == per_kind, name
-    train, held_out = ({re.search(r"\d+ [+\-×] \d+", row["prompt"]).group(0) for row in mix[name]}
-                       for name in ("train.jsonl", "heldout.jsonl"))
-    assert len(train) == 256 and len(held_out) == 240 and not train & held_out
-    assert all(max(map(int, re.findall(r"\d+", row["prompt"]))) <= 20 for row in mix["heldout.jsonl"][:120])
+    # the harder mixes: the kinds' counts, no problem both sampled and held out, each answer the problem's result
+    mixes = {"half": {"small": (128, 120), "two_digit": (128, 120)}, "two_digit": {"two_digit": (256, 240)}}
+    for mix, counts in mixes.items():
+        make_prompts.main(str(tmp_path / mix), mix=mix)
+        files = {name: [json.loads(line) for line in (tmp_path / mix / name).read_text().splitlines()]
+                 for name in ("train.jsonl", "heldout.jsonl")}
+        problems = {}
+        for k, name in enumerate(("train.jsonl", "heldout.jsonl")):
+            kinds = [row["kind"] for row in files[name]]
+            assert {kind: kinds.count(kind) for kind in set(kinds)} == {kind: n[k] for kind, n in counts.items()}
+            problems[name] = set()
+            for row in files[name]:
+                a, op, b = re.search(r"(\d+) ([+\-×]) (\d+)", row["prompt"]).groups()
+                assert int(row["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+                smallest, largest = sorted((int(a), int(b)))
+                assert largest <= 20 if row["kind"] == "small" else 10 <= smallest and largest <= 99, row
+                problems[name].add((a, op, b))
+            assert len(problems[name]) == len(files[name]), (mix, name)
+        assert not problems["train.jsonl"] & problems["heldout.jsonl"], mix
+    with pytest.raises(ValueError, match="mix 'hard'"):
+        make_prompts.main(str(tmp_path / "hard"), mix="hard")
 
 
 def test_a_last_epoch_without_a_logged_step_gives_the_latest_logged_figures(tmp_path):
