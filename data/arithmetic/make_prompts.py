@@ -9,7 +9,8 @@ in no training prompt, and is only answered for evaluation. Run from the reposit
 ``--mix half --out_dir DIR`` writes a harder mix instead (docs/iterate.md, "Where the initial model is rarely
 right, do the rounds help?"): half of each file small problems as above, half sums and differences of two-digit
 numbers (10 to 99), each row's ``kind`` saying which; 128 + 128 sampled problems, shuffled, and 120 + 120 other
-ones held out, the small ones first. ``--mix two_digit`` writes two-digit problems only: 256 sampled, 240 held out.
+ones held out, the small ones first. ``--mix two_digit`` writes two-digit problems only: 256 sampled, 240 held out
+(docs/iterate.md, "On two-digit problems only, do the rounds help?").
 """
 
 import argparse
