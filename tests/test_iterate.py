@@ -179,6 +179,40 @@ def test_reference_choice(straight_run, tiny_model_dir, tmp_path):
         "model_name_or_path"] == str(tmp_path / "run" / "round_1" / "hf_model")
 
 
+def trained_steps(round_dir):
+    return torch.load(round_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def expected_steps(num_pairs, epochs=2, batch_size=2, val_fraction=0.25):
+    """Optimizer steps of a fit on ``num_pairs`` pairs, by hand: the val share held out, batches rounded up."""
+    train = num_pairs - max(1, round(num_pairs * val_fraction))
+    return epochs * math.ceil(train / batch_size)
+
+
+def test_accumulated_pairs_train_each_round_on_every_round_so_far(straight_run, tiny_model_dir, tmp_path):
+    """``train_pairs: accumulated``: round 1 is the straight run's; round 2 trains on round 1's pairs followed by
+    its own (read from the files, counted in the record, and as many steps as that many pairs take)."""
+    _, straight, _ = straight_run
+    config = iterate_config(tmp_path, tiny_model_dir, tmp_path / "no-kill", train_pairs="accumulated")
+    out = tmp_path / "run"
+    printed = iterate_cli(config, out)
+    records = json.loads((out / "rounds.json").read_text())
+    first, second = (read_jsonl(out / f"round_{r}" / "pairs.jsonl") for r in (1, 2))
+    assert first == read_jsonl(straight / "round_1" / "pairs.jsonl")  # same samples, same pairs
+    assert read_jsonl(out / "round_2" / "train_pairs.jsonl") == first + second
+    assert read_jsonl(out / "round_1" / "train_pairs.jsonl") == first
+    assert yaml.safe_load((out / "round_2" / "fit.yaml").read_text())["data"]["train_path"] == \
+        str(out / "round_2" / "train_pairs.jsonl")
+    assert [r.get("train_pairs") for r in records] == [None, len(first), len(first) + len(second)]
+    assert [r["pairs"] for r in records[1:]] == [len(first), len(second)]
+    assert f"trained on {len(first) + len(second)} pairs" in printed
+    for r, n in ((1, len(first)), (2, len(first) + len(second))):
+        assert trained_steps(out / f"round_{r}") == expected_steps(n)
+    assert trained_steps(straight / "round_2") == expected_steps(len(second))  # the default: its own pairs only
+    tags, acc = scalar_tags(out / "record")
+    assert [e.value for e in acc.Scalars("round/train_pairs")] == [len(first), len(first) + len(second)]
+
+
 def test_killed_mid_round_resumes_to_the_uninterrupted_result(straight_run, tiny_model_dir, tmp_path):
     _, straight, _ = straight_run
     marker = tmp_path / "kill"

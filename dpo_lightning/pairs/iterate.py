@@ -13,6 +13,7 @@ Everything lands in ``output_dir``::
     round_<r>/samples.jsonl the scored samples          pairs.jsonl   the pairs
               fit.yaml      the round's fit config      checkpoints/, TensorBoard events, hf_model/ (the export)
               eval.jsonl    held-out answers            round.json    the round's record
+              train_pairs.jsonl  with ``train_pairs: accumulated``, the pairs of this round and every earlier one
 
 A killed run resumes when the same command runs again: finished rounds and a round's samples and pairs are reused,
 and a fit resumes from its last checkpoint (set ``checkpoint.every_n_train_steps`` in the fit sections to keep one
@@ -49,6 +50,7 @@ from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
 
 def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm], rounds: int = 2,
             output_dir: str = "lightning_logs/iterate", reference: Literal["initial", "previous"] = "initial",
+            train_pairs: Literal["round", "accumulated"] = "round",
             prompts_per_round: Optional[int] = None, num_samples: int = 4, temperature: float = 1.0,
             top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16,
             system_prompts: Sequence[Optional[str]] = (None,), length_penalty: float = 0.0, min_reward_gap: float = 0.0,
@@ -68,6 +70,9 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
         output_dir: where the rounds, their models and the record are written.
         reference: ``initial``: the initial model is every round's reference; ``previous``: the policy the round
             starts from (iterative DPO's choice).
+        train_pairs: ``round``: each round trains on the pairs it sampled; ``accumulated``: on those and the pairs
+            of every earlier round (sampled from the earlier policies), so round ``r`` trains on all ``r`` rounds'
+            pairs.
         prompts_per_round: prompts sampled per round, taken in turn from the shuffled prompt file (all prompts
             every round when unset).
         num_samples: answers sampled per prompt (at least 2).
@@ -122,16 +127,18 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             policy = initial if r == 1 else os.path.join(output_dir, f"round_{r - 1}", "hf_model")
             ref = initial if reference == "initial" else policy
             os.makedirs(round_dir, exist_ok=True)
-            fit_path = write_fit_config(fit_config, round_dir, policy, ref)
+            train_file = "train_pairs.jsonl" if train_pairs == "accumulated" else "pairs.jsonl"
+            fit_path = write_fit_config(fit_config, round_dir, policy, ref, train_file)
             start = (r - 1) * per_round  # the next prompts of the seeded order, wrapping around
             picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
             counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
+            trained = (_accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"])
             metrics = run_fit(round_dir, fit_path, r)
             export = os.path.join(round_dir, "hf_model")
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
-                      "prompts": len(picked), "pairs": counts["kept"],
+                      "prompts": len(picked), "pairs": counts["kept"], "train_pairs": trained,
                       "usable_share": counts["kept"] / max(1, len(picked)),
                       "dropped": {k: v for k, v in counts.items() if k != "kept"}, "fit": metrics,
                       "eval": _evaluate(round_dir, export, eval_rows, scorer, max_new_tokens, batch_size,
@@ -154,9 +161,9 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
 
 
 # what a resumed run must share (the batch size too: it decides which random numbers each sampled answer draws)
-SETTINGS = ("fit", "prompts_path", "reference", "prompts_per_round", "num_samples", "temperature", "top_p",
-            "max_new_tokens", "batch_size", "system_prompts", "length_penalty", "min_reward_gap", "mark_unfinished",
-            "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
+SETTINGS = ("fit", "prompts_path", "reference", "train_pairs", "prompts_per_round", "num_samples", "temperature",
+            "top_p", "max_new_tokens", "batch_size", "system_prompts", "length_penalty", "min_reward_gap",
+            "mark_unfinished", "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
 
 
 def _claim(output_dir: str, settings: dict[str, Any]) -> None:
@@ -243,6 +250,18 @@ def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfin
     return counts
 
 
+def _accumulate_pairs(output_dir: str, r: int) -> int:
+    """Write ``round_<r>/train_pairs.jsonl``: the pairs of rounds 1 to ``r``, in round order; returns their
+    number."""
+    rows = []
+    for k in range(1, r + 1):
+        with open(os.path.join(output_dir, f"round_{k}", "pairs.jsonl"), encoding="utf-8") as f:
+            rows += [line for line in f if line.strip()]
+    with atomic_open(os.path.join(output_dir, f"round_{r}", "train_pairs.jsonl"), encoding="utf-8") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in rows)
+    return len(rows)
+
+
 def _evaluate(round_dir: str, model_path: str, rows: list[tuple[str, dict]], scorer: WeightedReward,
               max_new_tokens: int, batch_size: int, system_prompt: Optional[str], dtype: str,
               trust: bool) -> dict[str, float]:
@@ -291,6 +310,8 @@ def _print_round(record: dict[str, Any]) -> None:
         s = record["samples"]
         parts.append(f"samples reward {s['reward_mean']:.3f} [{s['reward_min']:.3g}, {s['reward_max']:.3g}]")
         parts.append(f"{record['pairs']} pairs from {record['prompts']} prompts ({record['usable_share']:.0%})")
+        if record.get("train_pairs", record["pairs"]) != record["pairs"]:
+            parts.append(f"trained on {record['train_pairs']} pairs")
     if record.get("eval"):
         parts.append(f"held-out reward {record['eval']['reward_mean']:.3f}")
     for tag in ("val/probes/name_rate", "val/probes/degenerate_rate"):

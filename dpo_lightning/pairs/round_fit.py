@@ -66,14 +66,15 @@ def fit_sections(fit: Union[str, dict]) -> dict[str, Any]:
     return config
 
 
-def write_fit_config(fit_config: dict[str, Any], round_dir: str, policy: str, ref: str) -> str:
-    """The round's ``fit.yaml``: the fit sections with the round's policy, reference, pairs, logs, checkpoints and
-    export set; returns its path."""
+def write_fit_config(fit_config: dict[str, Any], round_dir: str, policy: str, ref: str,
+                     train_file: str = "pairs.jsonl") -> str:
+    """The round's ``fit.yaml``: the fit sections with the round's policy, reference, training pairs (``train_file``
+    in ``round_dir``), logs, checkpoints and export set; returns its path."""
     config = copy.deepcopy(fit_config)
     model = config.setdefault("model", {})
     model["model_name_or_path"] = policy
     model["reference"] = {**(model.get("reference") or {}), "model_name_or_path": ref}
-    config["data"] = {**(config.get("data") or {}), "train_path": os.path.join(round_dir, "pairs.jsonl")}
+    config["data"] = {**(config.get("data") or {}), "train_path": os.path.join(round_dir, train_file)}
     trainer = config["trainer"] = dict(config.get("trainer") or {})
     trainer["default_root_dir"] = round_dir
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

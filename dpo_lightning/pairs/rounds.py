@@ -32,6 +32,8 @@ def round_scalars(record: dict[str, Any]) -> dict[str, float]:
     if "usable_share" in record:
         out["round/usable_share"] = record["usable_share"]
         out["round/pairs"] = float(record["pairs"])
+    if "train_pairs" in record:
+        out["round/train_pairs"] = float(record["train_pairs"])
     for key, value in (record.get("eval") or {}).items():
         if isinstance(value, (int, float)):
             out[f"round/eval/{key}"] = float(value)
