@@ -1,6 +1,7 @@
 """Prints ``iterate`` runs round by round: ``python scripts/iterate_report.py RUN_DIR... [--by F] [--paired T]``.
 
-Per round: prompts sampled, pairs, the samples' mean reward, and on the held-out prompts the mean reward, each reward
+Per round: prompts sampled, pairs, the pairs trained on (more than the round's own with ``train_pairs:
+accumulated``), the samples' mean reward, and on the held-out prompts the mean reward, each reward
 term's mean (the share of answers passing, for a 0/1 check) and the share of degenerate answers.
 
 ``--by FIELD`` adds, per round, each reward term's held-out mean per value of a field of the held-out prompt rows
@@ -106,12 +107,13 @@ def main(run_dirs: list[str]) -> None:
             terms = sorted(k[:-len("_mean")] for k in record["eval"] if k.endswith("_mean") and k != "reward_mean")
             if header is None:
                 header = terms
-                print("| run | round | prompts | pairs | samples' reward | held-out reward | "
+                print("| run | round | prompts | pairs | trained on | samples' reward | held-out reward | "
                       + " | ".join(f"held-out {t}" for t in terms) + " | degenerate |")
-                print("|---" * (7 + len(terms)) + "|")
+                print("|---" * (8 + len(terms)) + "|")
             samples = record.get("samples", {}).get("reward_mean")
             cells = [os.path.basename(run_dir.rstrip("/")), record["round"], record.get("prompts", "-"),
-                     record.get("pairs", "-"), "-" if samples is None else f"{samples:.3f}",
+                     record.get("pairs", "-"), record.get("train_pairs", record.get("pairs", "-")),
+                     "-" if samples is None else f"{samples:.3f}",
                      f"{record['eval']['reward_mean']:.3f}"]
             cells += [f"{record['eval'][f'{t}_mean']:.3f}" for t in header]
             cells.append(f"{record['eval']['degenerate_rate']:.1%}")
