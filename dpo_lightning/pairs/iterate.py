@@ -134,7 +134,7 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
             counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
-            trained = (_accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"])
+            trained = _accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"]
             metrics = run_fit(round_dir, fit_path, r)
             export = os.path.join(round_dir, "hf_model")
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
