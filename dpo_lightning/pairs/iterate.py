@@ -33,19 +33,19 @@ import random
 import shutil
 import tempfile
 import time
-from collections import Counter
 from typing import Any, Literal, Optional, Sequence, Union
 
 from ..atomic import atomic_open
 from ..data.reading import read_prompt_rows
-from ..eval.generation import Answer, chat_messages, generate_answers, render_prompt
+from ..eval.generation import chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
-from .build import SystemPromptDeck, pair_row, plain_prompt
+from .build import SystemPromptDeck
 from .checks import check_sampling
 from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
+from .round_pairs import accumulate_pairs, write_pairs
 from .rounds import read_json, write_record
-from .scoring import RewardTerm, Scored, WeightedReward, pick_pair
+from .scoring import RewardTerm, WeightedReward
 
 
 def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm], rounds: int = 2,
@@ -133,8 +133,8 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
             picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
                                              temperature, top_p, max_new_tokens, batch_size, dtype, trust)
-            counts = _write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
-            trained = _accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"]
+            counts = write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
+            trained = accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"]
             metrics = run_fit(round_dir, fit_path, r)
             export = os.path.join(round_dir, "hf_model")
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
@@ -220,46 +220,6 @@ def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]]
     stats = {"answers": len(rewards), "reward_mean": sum(rewards) / len(rewards), "reward_min": min(rewards),
              "reward_max": max(rewards), "terms": {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}}
     return samples, stats
-
-
-def _write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfinished: bool,
-                 tokenizer: Any) -> Counter:
-    """Best and worst answer of each prompt as a pair (``pairs.jsonl``; plain text when ``tokenizer``, the
-    policy's, has no chat template); returns the kept and dropped counts."""
-    counts: Counter = Counter(kept=0)
-    out = []
-    for s in samples:
-        scored = [Scored(Answer(a["text"], a["finished"], a["num_tokens"]), a["reward"], a["terms"])
-                  for a in s["answers"]]
-        pair, why = pick_pair(scored, min_gap)
-        if pair is None:
-            counts[why] += 1
-            continue
-        chosen, rejected = pair
-        out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
-                            mark_unfinished and not chosen.answer.finished,
-                            mark_unfinished and not rejected.answer.finished,
-                            plain_prompt(tokenizer, s["prompt"], s["system"])))
-        counts["kept"] += 1
-    if not out:
-        raise RuntimeError(f"{round_dir}: no prompt gave a pair ({dict(counts)}): raise num_samples or temperature, "
-                           "lower min_reward_gap, or use a reward that tells the answers apart")
-    with atomic_open(os.path.join(round_dir, "pairs.jsonl"), encoding="utf-8") as f:
-        for row in out:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return counts
-
-
-def _accumulate_pairs(output_dir: str, r: int) -> int:
-    """Write ``round_<r>/train_pairs.jsonl``: the pairs of rounds 1 to ``r``, in round order; returns their
-    number."""
-    rows = []
-    for k in range(1, r + 1):
-        with open(os.path.join(output_dir, f"round_{k}", "pairs.jsonl"), encoding="utf-8") as f:
-            rows += [line for line in f if line.strip()]
-    with atomic_open(os.path.join(output_dir, f"round_{r}", "train_pairs.jsonl"), encoding="utf-8") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for line in rows)
-    return len(rows)
 
 
 def _evaluate(round_dir: str, model_path: str, rows: list[tuple[str, dict]], scorer: WeightedReward,
