@@ -209,7 +209,7 @@ def test_accumulated_pairs_train_each_round_on_every_round_so_far(straight_run, 
     for r, n in ((1, len(first)), (2, len(first) + len(second))):
         assert trained_steps(out / f"round_{r}") == expected_steps(n)
     assert trained_steps(straight / "round_2") == expected_steps(len(second))  # the default: its own pairs only
-    tags, acc = scalar_tags(out / "record")
+    _, acc = scalar_tags(out / "record")
     assert [e.value for e in acc.Scalars("round/train_pairs")] == [len(first), len(first) + len(second)]
 
 

@@ -45,10 +45,10 @@ def write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfini
 def accumulate_pairs(output_dir: str, r: int) -> int:
     """Write ``round_<r>/train_pairs.jsonl``: the pairs of rounds 1 to ``r``, in round order; returns their
     number."""
-    rows = []
+    rows = []  # write_pairs' files: one JSON row per line, each ending in a newline
     for k in range(1, r + 1):
         with open(os.path.join(output_dir, f"round_{k}", "pairs.jsonl"), encoding="utf-8") as f:
-            rows += [line for line in f if line.strip()]
+            rows += f.readlines()
     with atomic_open(os.path.join(output_dir, f"round_{r}", "train_pairs.jsonl"), encoding="utf-8") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for line in rows)
+        f.writelines(rows)
     return len(rows)
