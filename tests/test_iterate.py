@@ -259,7 +259,8 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
     cli = DPOLightningCLI(DPOModule, PreferenceDataModule, run=False, auto_configure_optimizers=False,
                           args=["--config", str(fit), "--data.train_path=pairs.jsonl", "--trainer.logger=false"])
     assert cli.model.policy is None
-    reward = WeightedReward([RewardTerm(**term) for term in settings["rewards"]])
+    reward = WeightedReward([RewardTerm(**term) for term in settings["rewards"]],
+                            settings.get("length_penalty", 0.0))
     for key in ("prompts_path", "eval_prompts_path"):
         reward.validate(read_prompt_rows(os.path.join(ROOT, settings[key])))
     if os.path.basename(config) == "iterate_arithmetic.yaml":  # a right result outweighs the requested form
@@ -269,6 +270,14 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
         scored = reward.score([("row", {"prompt": "What is 7 - 4?", "answer": "3"})],
                               [[Answer(t, True, 5) for t in texts]])[0]
         assert [s.reward for s in scored] == pytest.approx([1.05, 1.0, 0.05, 0.0])
+    if os.path.basename(config) == "iterate_words.yaml":  # the share of the words used, less 0.002 a token
+        from dpo_lightning.eval.generation import Answer
+
+        row = {"prompt": "Write one sentence that uses all of these words: a1, b2, c3.", "words": ["a1", "b2", "c3"]}
+        texts = ["a1 b2 c3.", "a1 and b2.", "a1, b2, c3.", "a1\nb2\nc3", "Nothing."]
+        scored = reward.score([("row", row)], [[Answer(t, True, 10) for t in texts]])[0]
+        assert [s.reward for s in scored] == pytest.approx([1 - 0.02, 2 / 3 - 0.02, -0.02, -0.02, -0.02])
+        assert [s.terms["all_used"] for s in scored] == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_iterate_report_paired_sign_test(tmp_path, capsys):
@@ -339,6 +348,31 @@ def test_the_arithmetic_files_are_what_their_script_writes(tmp_path):
         assert not problems["train.jsonl"] & problems["heldout.jsonl"], mix
     with pytest.raises(ValueError, match="mix 'hard'"):
         make_prompts.main(str(tmp_path / "hard"), mix="hard")
+
+
+def test_the_word_files_are_what_their_script_writes(tmp_path):
+    """Six distinct words of the script's list per prompt, the prompt asking exactly those words; no set asked twice,
+    none both sampled and held out, and no held-out phrasing among the sampled ones."""
+    spec = importlib.util.spec_from_file_location("make_word_prompts", os.path.join(ROOT, "data", "words",
+                                                                                    "make_prompts.py"))
+    make_prompts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_prompts)
+    make_prompts.main(str(tmp_path))
+    sets, phrasings = {}, {}
+    for name, count in (("train.jsonl", 256), ("heldout.jsonl", 200)):
+        with open(tmp_path / name, "rb") as written, open(os.path.join(ROOT, "data", "words", name), "rb") as f:
+            assert written.read() == f.read(), name
+        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        assert len(rows) == count
+        for row in rows:
+            words = row["words"]
+            assert len(set(words)) == len(words) == 6 and set(words) <= set(make_prompts.WORDS)
+            assert row["prompt"].endswith(": " + ", ".join(words) + ". Do not use any commas.")
+        sets[name] = {frozenset(row["words"]) for row in rows}
+        phrasings[name] = {row["prompt"].rsplit(":", 1)[0] for row in rows}
+        assert len(sets[name]) == count, name
+    assert not sets["train.jsonl"] & sets["heldout.jsonl"]
+    assert not phrasings["train.jsonl"] & phrasings["heldout.jsonl"] and len(phrasings["heldout.jsonl"]) == 2
 
 
 def test_a_last_epoch_without_a_logged_step_gives_the_latest_logged_figures(tmp_path):

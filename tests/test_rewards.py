@@ -10,7 +10,7 @@ import pytest
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.pairs.iterate import iterate
 from dpo_lightning.pairs.scoring import RewardError, RewardTerm, Scored, WeightedReward, pick_pair
-from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, PythonCheck
+from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, PythonCheck, WordsUsed
 
 from conftest import write_jsonl
 
@@ -40,6 +40,24 @@ def test_exact_match_and_a_unit_test_check():
     assert unit.check("def add(a, b):\n    return a + b", row) == 1.0
     assert unit.check("def add(a, b):\n    return a - b", row) == 0.0
     assert unit.check("this is not python", row) == 0.0
+
+
+def test_words_used_counts_whole_words_of_the_row():
+    row = {"words": ["river", "lamp", "old tree", "C++"]}
+    # whole words only: "riverside" is not "river"; a possessive or a capital still counts; phrases and symbols too
+    assert WordsUsed().check("The riverside lamp.", row) == 0.25
+    assert WordsUsed().check("The River's lamp lit an old tree while I wrote C++.", row) == 1.0
+    assert WordsUsed(ignore_case=False).check("The River's lamp.", row) == 0.25
+    assert WordsUsed(all_required=True).check("A river, a lamp and an old tree.", row) == 0.0
+    assert WordsUsed(all_required=True).check("C++ by the river lamp under an old tree", row) == 1.0
+    no_list = WordsUsed(forbid=r"[,\n]")  # the words in one line without a comma, not listed
+    assert no_list.check("By the river a lamp lit an old tree.", row) == 0.75
+    assert no_list.check("river, lamp, old tree, C++", row) == 0.0
+    assert no_list.check("- river\n- lamp", row) == 0.0
+    with pytest.raises(ValueError, match=r"data.jsonl line 2: field 'words': WordsUsed needs a non-empty list"):
+        WordsUsed().validate([("data.jsonl line 1", row), ("data.jsonl line 2", {"words": "river, lamp"})])
+    with pytest.raises(ValueError, match=r"data.jsonl line 1: field 'words': WordsUsed needs it"):
+        WordsUsed().validate([("data.jsonl line 1", {"prompt": "Write."})])
 
 
 def test_weighted_sum_with_length_penalty_by_hand():

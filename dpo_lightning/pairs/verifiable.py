@@ -1,5 +1,6 @@
 """Verifiable rewards: a check of one answer against its prompt row (exact match, a final answer found by a regular
-expression, or any Python function such as a unit test), scoring ``weight`` when it passes.
+expression, the words a prompt asks for, or any Python function such as a unit test), scoring ``weight`` when it
+passes.
 
 Each is named by import path in a reward list (``iterate --rewards``, ``build-pairs --reward``) and reads the
 expected value from a field of the prompt row, e.g. ``{"prompt": "What is 17 + 25?", "answer": "42"}``.
@@ -109,3 +110,40 @@ class PythonCheck(VerifiableReward):
 
     def check(self, answer: str, row: dict[str, Any]) -> float:
         return float(self.function(answer, row))
+
+
+class WordsUsed(VerifiableReward):
+    """The share of the row's ``field`` words that the answer uses, each as a whole word (``river`` counts in "the
+    river's bank", not in "riverside"); with ``all_required`` 1 only when it uses every one, else 0. For prompts
+    such as "Write one sentence that uses all of these words: ...".
+
+    Args:
+        field: the row field holding the words, a list of strings.
+        ignore_case: match without regard to case.
+        all_required: score 1 for all the words and 0 otherwise, instead of the share.
+        forbid: a regular expression the answer must not match (e.g. ``[,\n]``: no comma, one line, so the words
+            cannot simply be listed); an answer that matches scores 0.
+    """
+
+    def __init__(self, field: str = "words", ignore_case: bool = True, all_required: bool = False,
+                 forbid: Optional[str] = None) -> None:
+        self.field, self.ignore_case, self.all_required = field, ignore_case, all_required
+        self.forbid = re.compile(forbid) if forbid else None
+
+    def validate(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        super().validate(rows)
+        for where, row in rows:
+            words = row[self.field]
+            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"{where}: field {self.field!r}: WordsUsed needs a non-empty list of words, got "
+                                 f"{words!r}")
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        if self.forbid is not None and self.forbid.search(answer):
+            return 0.0
+        flags = re.IGNORECASE if self.ignore_case else 0
+        words = row[self.field]
+        used = sum(re.search(rf"(?<!\w){re.escape(w.strip())}(?!\w)", answer, flags) is not None for w in words)
+        if self.all_required:
+            return float(used == len(words))
+        return used / len(words)
