@@ -9,9 +9,10 @@ term's mean (the share of answers passing, for a 0/1 check) and the share of deg
 (``PATH line N``).
 
 ``--paired TERM`` then compares the runs' last rounds two by two (the first run with the second, the third with the
-fourth, ...) prompt by prompt on a 0/1 reward term (e.g. ``right``): how many held-out prompts only one of the two
-passes, and the two-sided sign test on those (exact binomial): the chance of a split at least this uneven if
-neither model were better; with several comparisons (one per data order, say), also the counts pooled.
+fourth, ...) prompt by prompt on a reward term: for a 0/1 term (e.g. ``right``) how many held-out prompts only one
+of the two passes, for a graded one (e.g. ``used``, a share) on how many each scores higher; and the two-sided sign
+test on those (exact binomial): the chance of a split at least this uneven if neither model were better; with
+several comparisons (one per data order, say), also the counts pooled.
 """
 
 import argparse
@@ -39,25 +40,34 @@ def sign_test(wins: int, losses: int) -> float:
 
 def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
     """Compare the runs two by two (the first with the second, the third with the fourth, ...) prompt by prompt;
-    print each comparison and, for more than one, the counts pooled. Returns the pooled counts (only the first run
-    of a comparison passes, only the second)."""
+    print each comparison and, for more than one, the counts pooled. Returns the pooled counts (prompts where the
+    first run of a comparison scores higher, where the second does; for a 0/1 term: only it passes)."""
     if len(run_dirs) % 2:
         raise SystemExit("--paired compares runs two by two: give an even number of run folders")
-    pooled = [0, 0]
+    pooled, all_binary = [0, 0], True
     for first, second in zip(run_dirs[::2], run_dirs[1::2]):
         (round_a, a), (round_b, b) = last_eval(first), last_eval(second)
         if set(a) != set(b):
             raise SystemExit(f"{first} and {second} answered different held-out prompts")
-        only_a = sum(a[k]["terms"][term] == 1 and b[k]["terms"][term] == 0 for k in a)
-        only_b = sum(a[k]["terms"][term] == 0 and b[k]["terms"][term] == 1 for k in a)
-        passed_a, passed_b = (sum(rows[k]["terms"][term] == 1 for k in a) for rows in (a, b))
+        score_a, score_b = ({k: rows[k]["terms"][term] for k in a} for rows in (a, b))
+        binary = all(v in (0, 1) for v in [*score_a.values(), *score_b.values()])
+        all_binary = all_binary and binary
+        only_a = sum(score_a[k] > score_b[k] for k in a)
+        only_b = sum(score_b[k] > score_a[k] for k in a)
         pooled = [pooled[0] + only_a, pooled[1] + only_b]
-        print(f"{term}, {len(a)} held-out prompts: {os.path.basename(first.rstrip('/'))} round {round_a} {passed_a}, "
-              f"{os.path.basename(second.rstrip('/'))} round {round_b} {passed_b}; only the first {only_a}, only the "
-              f"second {only_b}, sign test p = {sign_test(only_a, only_b):.3f}")
+        if binary:
+            shown_a, shown_b = (str(sum(v == 1 for v in s.values())) for s in (score_a, score_b))
+            higher = "only the first {}, only the second {}"
+        else:
+            shown_a, shown_b = (f"mean {sum(s.values()) / len(s):.3f}" for s in (score_a, score_b))
+            higher = "higher on the first {}, on the second {}"
+        print(f"{term}, {len(a)} held-out prompts: {os.path.basename(first.rstrip('/'))} round {round_a} {shown_a}, "
+              f"{os.path.basename(second.rstrip('/'))} round {round_b} {shown_b}; "
+              f"{higher.format(only_a, only_b)}, sign test p = {sign_test(only_a, only_b):.3f}")
     if len(run_dirs) > 2:
-        print(f"{term}, pooled over {len(run_dirs) // 2} comparisons: only the first {pooled[0]}, only the second "
-              f"{pooled[1]}, sign test p = {sign_test(*pooled):.3f}")
+        higher = "only the first {}, only the second {}" if all_binary else "higher on the first {}, on the second {}"
+        print(f"{term}, pooled over {len(run_dirs) // 2} comparisons: {higher.format(*pooled)}, "
+              f"sign test p = {sign_test(*pooled):.3f}")
     return pooled[0], pooled[1]
 
 
@@ -126,7 +136,7 @@ if __name__ == "__main__":
     parser.add_argument("--by", metavar="FIELD",
                         help="a field of the held-out prompt rows to break the figures down by")
     parser.add_argument("--paired", metavar="TERM",
-                        help="a 0/1 reward term to compare the runs' last rounds on, two by two")
+                        help="a reward term (0/1 or graded) to compare the runs' last rounds on, two by two")
     args = parser.parse_args()
     main(args.run_dirs)
     if args.by:

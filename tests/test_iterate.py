@@ -302,6 +302,16 @@ def test_iterate_report_paired_sign_test(tmp_path, capsys):
     assert "a round 2 4, b round 2 2; only the first 3, only the second 1, sign test p = 0.625" in printed
     assert "c round 2 1, d round 2 3; only the first 0, only the second 2, sign test p = 0.500" in printed
     assert "pooled over 2 comparisons: only the first 3, only the second 3, sign test p = 1.000" in printed
+    # a graded term (a share): prompts where each run scores higher, ties left out; e against f: 2 higher, 1 lower
+    used = {"e": [0.5, 1 / 3, 1.0, 0.0], "f": [1 / 6, 0.0, 1.0, 0.5]}
+    for name, values in used.items():
+        os.makedirs(tmp_path / name / "round_1")
+        (tmp_path / name / "rounds.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
+        write_jsonl(tmp_path / name / "round_1" / "eval.jsonl",
+                    [{"where": f"held.jsonl line {i + 1}", "terms": {"used": v}} for i, v in enumerate(values)])
+    assert iterate_report.paired([str(tmp_path / "e"), str(tmp_path / "f")], "used") == (2, 1)
+    assert ("e round 1 mean 0.458, f round 1 mean 0.417; higher on the first 2, on the second 1, sign test p = 1.000"
+            in capsys.readouterr().out)
 
 
 def test_arithmetic_held_out_problems_are_never_sampled():
