@@ -121,7 +121,7 @@ class WordsUsed(VerifiableReward):
         field: the row field holding the words, a list of strings.
         ignore_case: match without regard to case.
         all_required: score 1 for all the words and 0 otherwise, instead of the share.
-        forbid: a regular expression the answer must not match (e.g. ``[,\n]``: no comma, one line, so the words
+        forbid: a regular expression the answer must not match (e.g. ``[,\\n]``: no comma, one line, so the words
             cannot simply be listed); an answer that matches scores 0.
     """
 
