@@ -38,6 +38,10 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+# how the prompts one run scores higher on are named: passes only it, for a 0/1 term; scores higher, for a graded one
+COUNTS = {True: "only the first {}, only the second {}", False: "higher on the first {}, on the second {}"}
+
+
 def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
     """Compare the runs two by two (the first with the second, the third with the fourth, ...) prompt by prompt;
     print each comparison and, for more than one, the counts pooled. Returns the pooled counts (prompts where the
@@ -57,16 +61,13 @@ def paired(run_dirs: list[str], term: str) -> tuple[int, int]:
         pooled = [pooled[0] + only_a, pooled[1] + only_b]
         if binary:
             shown_a, shown_b = (str(sum(v == 1 for v in s.values())) for s in (score_a, score_b))
-            higher = "only the first {}, only the second {}"
         else:
             shown_a, shown_b = (f"mean {sum(s.values()) / len(s):.3f}" for s in (score_a, score_b))
-            higher = "higher on the first {}, on the second {}"
         print(f"{term}, {len(a)} held-out prompts: {os.path.basename(first.rstrip('/'))} round {round_a} {shown_a}, "
               f"{os.path.basename(second.rstrip('/'))} round {round_b} {shown_b}; "
-              f"{higher.format(only_a, only_b)}, sign test p = {sign_test(only_a, only_b):.3f}")
+              f"{COUNTS[binary].format(only_a, only_b)}, sign test p = {sign_test(only_a, only_b):.3f}")
     if len(run_dirs) > 2:
-        higher = "only the first {}, only the second {}" if all_binary else "higher on the first {}, on the second {}"
-        print(f"{term}, pooled over {len(run_dirs) // 2} comparisons: {higher.format(*pooled)}, "
+        print(f"{term}, pooled over {len(run_dirs) // 2} comparisons: {COUNTS[all_binary].format(*pooled)}, "
               f"sign test p = {sign_test(*pooled):.3f}")
     return pooled[0], pooled[1]
 
