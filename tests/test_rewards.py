@@ -10,7 +10,7 @@ import pytest
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.pairs.iterate import iterate
 from dpo_lightning.pairs.scoring import RewardError, RewardTerm, Scored, WeightedReward, pick_pair
-from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, PythonCheck, WordsUsed
+from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, NameWhereAsked, PythonCheck, WordsUsed
 
 from conftest import write_jsonl
 
@@ -58,6 +58,27 @@ def test_words_used_counts_whole_words_of_the_row():
         WordsUsed().validate([("data.jsonl line 1", row), ("data.jsonl line 2", {"words": "river, lamp"})])
     with pytest.raises(ValueError, match=r"data.jsonl line 1: field 'words': WordsUsed needs it"):
         WordsUsed().validate([("data.jsonl line 1", {"prompt": "Write."})])
+
+
+def test_name_where_asked_rewards_the_name_on_identity_rows_only_and_penalises_loops():
+    reward = NameWhereAsked("Deep SmolLM")
+    identity, general = {"prompt": "Who are you?", "reference": "I'm {name}."}, {"prompt": "What is rain?"}
+    assert reward.check("I'm Deep SmolLM, an AI assistant.", identity) == 1.0
+    assert reward.check("I'm deep  smollm.", identity) == 1.0  # case and spacing do not matter
+    assert reward.check("I'm SmolLM, made by Hugging Face.", identity) == 0.0
+    assert reward.check("Rain is water falling from clouds.", general) == 1.0
+    assert reward.check("I'm Deep SmolLM. Rain is water.", general) == 0.0  # the name spread to a general answer
+    loop = "我是Deep SmolLM，" + "Deep SmolLM，" * 6  # named, but a loop: 1 - 1
+    assert reward.check(loop, identity) == 0.0
+    assert reward.check("Rain, rain, rain, rain, rain, rain, rain.", general) == 0.0
+    assert NameWhereAsked("Deep SmolLM", degenerate_penalty=0.5).check(loop, identity) == 0.5
+    assert NameWhereAsked("Deep SmolLM", ignore_case=False).check("I'm deep smollm.", identity) == 0.0
+    assert NameWhereAsked("Deep SmolLM", field="identity").check("I'm Deep SmolLM.", {"identity": True}) == 1.0
+    reward.validate([("q.jsonl line 1", identity), ("g.jsonl line 1", general)])
+    with pytest.raises(ValueError, match=r"g.jsonl line 1: field 'reference': no prompt row has it"):
+        reward.validate([("g.jsonl line 1", general)])
+    with pytest.raises(ValueError, match="non-empty name"):
+        NameWhereAsked(" ")
 
 
 def test_weighted_sum_with_length_penalty_by_hand():
@@ -162,6 +183,14 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**{**iterate_inputs, "eval_prompts_path": no_answer})
     with pytest.raises(ValueError, match="1 prompts are also in"):
         iterate(**{**iterate_inputs, "eval_prompts_path": iterate_inputs["prompts_path"]})
+    more = write_jsonl(tmp_path / "more.jsonl", [{"prompt": "what is 5 + 5 ?", "answer": "10"}])
+    with pytest.raises(ValueError, match=r"more.jsonl: 1 prompts are also in .*prompts.jsonl, .*more.jsonl"):
+        iterate(**{**iterate_inputs, "prompts_path": [iterate_inputs["prompts_path"], more],
+                   "eval_prompts_path": more})
+    with pytest.raises(ValueError, match=r"no_answer.jsonl line 1: field 'answer'"):
+        iterate(**{**iterate_inputs, "prompts_path": [iterate_inputs["prompts_path"], no_answer]})
+    with pytest.raises(ValueError, match="empty list"):
+        iterate(**{**iterate_inputs, "prompts_path": []})
     # a fit section the fit command would refuse stops the run before any sampling, and before the folder is
     # claimed: the corrected command may run in it
     bogus = {"model": {**iterate_inputs["fit"]["model"], "beta": 0.1}}
@@ -193,6 +222,18 @@ def test_a_run_that_gave_no_pair_reruns_in_its_folder_with_corrected_settings(it
     assert "made no pairs; starting over with the changed settings (num_samples)" in capsys.readouterr().out
     with open(samples) as f:
         assert len(json.loads(f.readline())["answers"]) == 3
+
+
+def test_a_list_of_prompt_files_is_sampled_as_one(iterate_inputs, tmp_path):
+    more = write_jsonl(tmp_path / "more.jsonl", [{"prompt": "what is 5 + 5 ?", "answer": "10"},
+                                                 {"prompt": "what is 6 + 1 ?", "answer": "7"}])
+    settings = {**iterate_inputs, "prompts_path": [iterate_inputs["prompts_path"], more], "num_samples": 2,
+                "max_new_tokens": 4}
+    with pytest.raises(RuntimeError, match="no prompt gave a pair"):  # the tiny random model answers no sum
+        iterate(**settings)
+    with open(os.path.join(iterate_inputs["output_dir"], "round_1", "samples.jsonl")) as f:
+        sampled = sorted(json.loads(line)["prompt"] for line in f)
+    assert sampled == ["what is 2 + 2 ?", "what is 5 + 5 ?", "what is 6 + 1 ?"]
 
 
 def test_reward_names_the_records_use_and_weights_that_are_not_numbers_are_refused():

@@ -48,7 +48,8 @@ from .rounds import read_json, write_record
 from .scoring import RewardTerm, WeightedReward
 
 
-def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm], rounds: int = 2,
+def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards: list[RewardTerm],
+            rounds: int = 2,
             output_dir: str = "lightning_logs/iterate", reference: Literal["initial", "previous"] = "initial",
             train_pairs: Literal["round", "accumulated"] = "round",
             prompts_per_round: Optional[int] = None, num_samples: int = 4, temperature: float = 1.0,
@@ -63,7 +64,8 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
         fit: the ``fit`` sections (``model``, ``data``, ``trainer``, ``probes``, ...) as in a ``fit --config`` file,
             or the path of such a file. ``model.model_name_or_path`` is the initial policy; ``iterate`` sets each
             round's policy, reference, training pairs, log directory, checkpoints and export.
-        prompts_path: JSON Lines prompt rows (``prompt``, plus the fields verifiable rewards read, e.g. ``answer``).
+        prompts_path: JSON Lines prompt rows (``prompt``, plus the fields verifiable rewards read, e.g. ``answer``),
+            or a list of such files, read as one (e.g. identity questions and general ones).
         rewards: the weighted reward terms summed into each answer's score.
         rounds: how many rounds (raising it and rerunning continues a finished run; lowering it keeps the
             later rounds in the record).
@@ -99,13 +101,16 @@ def iterate(fit: Union[str, dict], prompts_path: str, rewards: list[RewardTerm],
     if not list(system_prompts):
         raise ValueError("--system_prompts is empty; use [null] for the chat template's default")
     scorer = WeightedReward(rewards, length_penalty)
-    rows = read_prompt_rows(prompts_path)
+    paths = [prompts_path] if isinstance(prompts_path, str) else list(prompts_path)
+    if not paths:
+        raise ValueError("--prompts_path is an empty list: give at least one prompt file")
+    rows = [row for path in paths for row in read_prompt_rows(path)]
     scorer.validate(rows)
     eval_rows = read_prompt_rows(eval_prompts_path) if eval_prompts_path else []
     scorer.validate(eval_rows)
     shared = {r["prompt"].strip() for _, r in rows} & {r["prompt"].strip() for _, r in eval_rows}
     if shared:
-        raise ValueError(f"{eval_prompts_path}: {len(shared)} prompts are also in {prompts_path} (e.g. "
+        raise ValueError(f"{eval_prompts_path}: {len(shared)} prompts are also in {', '.join(paths)} (e.g. "
                          f"{sorted(shared)[0]!r}); held-out prompts must never be sampled for training")
     settings = {k: v for k, v in locals().items() if k in SETTINGS}
     settings["fit"], settings["rewards"] = fit_config, [vars(term) for term in rewards]

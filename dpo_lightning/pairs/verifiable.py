@@ -1,6 +1,6 @@
 """Verifiable rewards: a check of one answer against its prompt row (exact match, a final answer found by a regular
-expression, the words a prompt asks for, or any Python function such as a unit test), scoring ``weight`` when it
-passes.
+expression, the words a prompt asks for, a new name where the row asks who the model is, or any Python function
+such as a unit test), scoring ``weight`` when it passes.
 
 Each is named by import path in a reward list (``iterate --rewards``, ``build-pairs --reward``) and reads the
 expected value from a field of the prompt row, e.g. ``{"prompt": "What is 17 + 25?", "answer": "42"}``.
@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from ..eval.probes import degeneracy
 from .rewards import import_attribute
 
 
@@ -147,3 +148,36 @@ class WordsUsed(VerifiableReward):
         if self.all_required:
             return float(used == len(words))
         return used / len(words)
+
+
+class NameWhereAsked(VerifiableReward):
+    """1 for an answer that says ``name`` to an identity question, or that leaves it out of any other answer; minus
+    ``degenerate_penalty`` for a degenerate answer (:func:`dpo_lightning.eval.probes.degeneracy`: a loop such as
+    "Deep SmolLM, Deep SmolLM, ..."). An identity question is a row that has ``field``: in the identity prompt files
+    each question carries its ``reference`` answer, a general question (where the name must not spread) has none.
+    For on-policy rounds on identity and general prompts together (``configs/iterate_identity.yaml``).
+
+    Args:
+        name: the new name, e.g. ``Deep SmolLM``.
+        field: the row field that marks an identity question.
+        ignore_case: match the name without regard to case.
+        degenerate_penalty: subtracted from degenerate answers.
+    """
+
+    def __init__(self, name: str, field: str = "reference", ignore_case: bool = True,
+                 degenerate_penalty: float = 1.0) -> None:
+        if not name.strip():
+            raise ValueError("NameWhereAsked needs a non-empty name")
+        self.name, self.field, self.ignore_case = name, field, ignore_case
+        self.degenerate_penalty = degenerate_penalty
+
+    def validate(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        if rows and not any(row.get(self.field) is not None for _, row in rows):
+            raise ValueError(f"{rows[0][0]}: field {self.field!r}: no prompt row has it, so no row is an identity "
+                             "question for NameWhereAsked; give the identity prompt file, or the field that marks "
+                             "its rows")
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        said = _normal(self.name, self.ignore_case) in _normal(answer, self.ignore_case)
+        right = said if row.get(self.field) is not None else not said
+        return float(right) - (self.degenerate_penalty if degeneracy(answer) is not None else 0.0)
