@@ -224,16 +224,21 @@ def test_a_run_that_gave_no_pair_reruns_in_its_folder_with_corrected_settings(it
         assert len(json.loads(f.readline())["answers"]) == 3
 
 
-def test_a_list_of_prompt_files_is_sampled_as_one(iterate_inputs, tmp_path):
+def test_a_list_of_prompt_files_is_sampled_as_one_from_the_given_initial_model(iterate_inputs, tmp_path,
+                                                                                 tiny_model_dir):
     more = write_jsonl(tmp_path / "more.jsonl", [{"prompt": "what is 5 + 5 ?", "answer": "10"},
                                                  {"prompt": "what is 6 + 1 ?", "answer": "7"}])
+    # the fit section names a model that does not exist: initial_model takes its place
     settings = {**iterate_inputs, "prompts_path": [iterate_inputs["prompts_path"], more], "num_samples": 2,
-                "max_new_tokens": 4}
+                "max_new_tokens": 4, "fit": {"model": {"model_name_or_path": str(tmp_path / "missing")}},
+                "initial_model": tiny_model_dir}
     with pytest.raises(RuntimeError, match="no prompt gave a pair"):  # the tiny random model answers no sum
         iterate(**settings)
     with open(os.path.join(iterate_inputs["output_dir"], "round_1", "samples.jsonl")) as f:
         sampled = sorted(json.loads(line)["prompt"] for line in f)
     assert sampled == ["what is 2 + 2 ?", "what is 5 + 5 ?", "what is 6 + 1 ?"]
+    with open(os.path.join(iterate_inputs["output_dir"], "iterate.json")) as f:
+        assert json.load(f)["fit"]["model"]["model_name_or_path"] == tiny_model_dir
 
 
 def test_reward_names_the_records_use_and_weights_that_are_not_numbers_are_refused():

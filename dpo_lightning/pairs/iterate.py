@@ -57,7 +57,8 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
             system_prompts: Sequence[Optional[str]] = (None,), length_penalty: float = 0.0, min_reward_gap: float = 0.0,
             mark_unfinished: bool = False, eval_prompts_path: Optional[str] = None,
             eval_system_prompt: Optional[str] = None, seed: int = 0,
-            dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> list[dict[str, Any]]:
+            dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+            initial_model: Optional[str] = None) -> list[dict[str, Any]]:
     """Iterative on-policy DPO: rounds of sample, score, pair, fit, export, evaluate.
 
     Args:
@@ -92,8 +93,10 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
         eval_system_prompt: the system message of the held-out evaluation.
         seed: seed of the prompt order, the system-prompt draws and the samples (``seed + round``).
         dtype: weights dtype for sampling and evaluation.
+        initial_model: the initial policy (e.g. an earlier ``fit``'s ``hf_model`` export), in place of the fit
+            section's ``model.model_name_or_path``.
     """
-    fit_config = fit_sections(fit)
+    fit_config = fit_sections(fit, initial_model)
     initial = fit_config["model"]["model_name_or_path"]
     trust = bool(fit_config["model"].get("trust_remote_code", False))
     check_sampling(rounds=rounds, num_samples=num_samples, temperature=temperature, top_p=top_p,

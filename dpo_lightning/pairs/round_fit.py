@@ -47,12 +47,15 @@ def fit_metrics(log_dir: str) -> dict[str, float]:
     return out
 
 
-def fit_sections(fit: Union[str, dict]) -> dict[str, Any]:
-    """The ``fit`` sections from a dict or a YAML file; refuses what ``iterate`` sets itself or cannot follow."""
+def fit_sections(fit: Union[str, dict], initial_model: Optional[str] = None) -> dict[str, Any]:
+    """The ``fit`` sections from a dict or a YAML file, with ``initial_model`` (when given) as the model's path;
+    refuses what ``iterate`` sets itself or cannot follow."""
     if isinstance(fit, str):
         with open(fit, encoding="utf-8") as f:
             fit = yaml.safe_load(f) or {}
     config = copy.deepcopy(dict(fit))
+    if initial_model:
+        config["model"] = {**(config.get("model") or {}), "model_name_or_path": initial_model}
     model = config.get("model") or {}
     if not model.get("model_name_or_path"):
         raise ValueError("fit: model.model_name_or_path is required: the initial policy")
