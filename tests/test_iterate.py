@@ -262,7 +262,8 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
     reward = WeightedReward([RewardTerm(**term) for term in settings["rewards"]],
                             settings.get("length_penalty", 0.0))
     for key in ("prompts_path", "eval_prompts_path"):
-        reward.validate(read_prompt_rows(os.path.join(ROOT, settings[key])))
+        paths = [settings[key]] if isinstance(settings[key], str) else settings[key]
+        reward.validate([row for path in paths for row in read_prompt_rows(os.path.join(ROOT, path))])
     if os.path.basename(config) == "iterate_arithmetic.yaml":  # a right result outweighs the requested form
         from dpo_lightning.eval.generation import Answer
 
@@ -278,6 +279,16 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
         scored = reward.score([("row", row)], [[Answer(t, True, 10) for t in texts]])[0]
         assert [s.reward for s in scored] == pytest.approx([1 - 0.02, 2 / 3 - 0.02, -0.02, -0.02, -0.02])
         assert [s.terms["all_used"] for s in scored] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    if os.path.basename(config) == "iterate_identity.yaml":  # the name where asked, not elsewhere, and no loop
+        from dpo_lightning.eval.generation import Answer
+
+        rows = [("q", {"prompt": "Who are you?", "reference": "I'm {name}."}), ("g", {"prompt": "What is rain?"})]
+        texts = ["I'm Deep SmolLM.", "I'm SmolLM.", "I'm Deep SmolLM, " + "Deep SmolLM, " * 6]
+        scored = reward.score(rows, [[Answer(t, True, 10) for t in texts]] * 2)
+        assert [s.reward for s in scored[0]] == pytest.approx([1 - 0.02, -0.02, -0.02])
+        assert [s.reward for s in scored[1]] == pytest.approx([-0.02, 1 - 0.02, -1.02])
+        with open(os.path.join(ROOT, "configs", "pairs", "smollm2_identity.yaml")) as f:
+            assert settings["system_prompts"] == yaml.safe_load(f)["system_prompts"]  # the pairs' pool
 
 
 def test_iterate_report_paired_sign_test(tmp_path, capsys):
