@@ -48,8 +48,7 @@ from .rounds import read_json, write_record
 from .scoring import RewardTerm, WeightedReward
 
 
-def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards: list[RewardTerm],
-            rounds: int = 2,
+def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards: list[RewardTerm], rounds: int = 2,
             output_dir: str = "lightning_logs/iterate", reference: Literal["initial", "previous"] = "initial",
             train_pairs: Literal["round", "accumulated"] = "round",
             prompts_per_round: Optional[int] = None, num_samples: int = 4, temperature: float = 1.0,

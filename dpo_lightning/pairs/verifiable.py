@@ -170,6 +170,7 @@ class NameWhereAsked(VerifiableReward):
             raise ValueError("NameWhereAsked needs a non-empty name")
         self.name, self.field, self.ignore_case = name, field, ignore_case
         self.degenerate_penalty = degenerate_penalty
+        self._wanted = _normal(name, ignore_case)  # the name as answers are compared, once
 
     def validate(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
         if rows and not any(row.get(self.field) is not None for _, row in rows):
@@ -178,6 +179,6 @@ class NameWhereAsked(VerifiableReward):
                              "its rows")
 
     def check(self, answer: str, row: dict[str, Any]) -> float:
-        said = _normal(self.name, self.ignore_case) in _normal(answer, self.ignore_case)
+        said = self._wanted in _normal(answer, self.ignore_case)
         right = said if row.get(self.field) is not None else not said
         return float(right) - (self.degenerate_penalty if degeneracy(answer) is not None else 0.0)
