@@ -245,10 +245,10 @@ def test_killed_mid_round_resumes_to_the_uninterrupted_result(straight_run, tiny
 
 
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "iterate_*.yaml"))))
-def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
+def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path, monkeypatch):
     from dpo_lightning.cli import DPOLightningCLI
     from dpo_lightning.data.datamodule import PreferenceDataModule
-    from dpo_lightning.data.reading import read_prompt_rows
+    from dpo_lightning.data.reading import read_prompt_files
     from dpo_lightning.pairs.scoring import RewardTerm, WeightedReward
     from dpo_lightning.training.module import DPOModule
 
@@ -261,9 +261,9 @@ def test_shipped_iterate_config_parses_and_its_rewards_score(config, tmp_path):
     assert cli.model.policy is None
     reward = WeightedReward([RewardTerm(**term) for term in settings["rewards"]],
                             settings.get("length_penalty", 0.0))
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository
     for key in ("prompts_path", "eval_prompts_path"):
-        paths = [settings[key]] if isinstance(settings[key], str) else settings[key]
-        reward.validate([row for path in paths for row in read_prompt_rows(os.path.join(ROOT, path))])
+        reward.validate(read_prompt_files(settings[key])[1])
     if os.path.basename(config) == "iterate_arithmetic.yaml":  # a right result outweighs the requested form
         from dpo_lightning.eval.generation import Answer
 

@@ -14,7 +14,7 @@ import lzma
 import os
 import time
 from contextlib import contextmanager
-from typing import IO, Any, Iterator, Optional, get_args
+from typing import IO, Any, Iterator, Optional, Union, get_args
 
 from ..atomic import atomic_open
 from .formats import BadRowPolicy, PreferenceDataError
@@ -212,6 +212,14 @@ def read_prompt_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string")
     return rows
+
+
+def read_prompt_files(paths: Union[str, list[str]]) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """One prompt file or a list read as one, in order: the paths and the rows of ``read_prompt_rows``."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("--prompts_path is an empty list: give at least one prompt file")
+    return paths, [row for path in paths for row in read_prompt_rows(path)]
 
 
 def fingerprint_source(path: str, split: str, memo_dir: Optional[str] = None) -> str:

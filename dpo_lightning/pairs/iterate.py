@@ -36,7 +36,7 @@ import time
 from typing import Any, Literal, Optional, Sequence, Union
 
 from ..atomic import atomic_open
-from ..data.reading import read_prompt_rows
+from ..data.reading import read_prompt_files, read_prompt_rows
 from ..eval.generation import chat_messages, generate_answers, render_prompt
 from ..eval.probes import degeneracy
 from ..model.loading import default_device, load_causal_lm, load_tokenizer
@@ -103,10 +103,7 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
     if not list(system_prompts):
         raise ValueError("--system_prompts is empty; use [null] for the chat template's default")
     scorer = WeightedReward(rewards, length_penalty)
-    paths = [prompts_path] if isinstance(prompts_path, str) else list(prompts_path)
-    if not paths:
-        raise ValueError("--prompts_path is an empty list: give at least one prompt file")
-    rows = [row for path in paths for row in read_prompt_rows(path)]
+    paths, rows = read_prompt_files(prompts_path)
     scorer.validate(rows)
     eval_rows = read_prompt_rows(eval_prompts_path) if eval_prompts_path else []
     scorer.validate(eval_rows)
