@@ -72,6 +72,10 @@ def test_name_where_asked_rewards_the_name_on_identity_rows_only_and_penalises_l
     assert reward.check(loop, identity) == 0.0
     assert reward.check("Rain, rain, rain, rain, rain, rain, rain.", general) == 0.0
     assert NameWhereAsked("Deep SmolLM", degenerate_penalty=0.5).check(loop, identity) == 0.5
+    assert reward.check_answer(Answer("I'm Deep SmolLM.", True, 6), identity) == 1.0
+    cut = Answer("I'm Deep SmolLM. Once upon a time there was a spreadsheet whose", False, 16)
+    assert reward.check_answer(cut, identity) == 1.0  # ran out of the token budget: not counted by default
+    assert NameWhereAsked("Deep SmolLM", unfinished_degenerate=True).check_answer(cut, identity) == 0.0  # 1 - 1
     assert NameWhereAsked("Deep SmolLM", ignore_case=False).check("I'm deep smollm.", identity) == 0.0
     assert NameWhereAsked("Deep SmolLM", field="identity").check("I'm Deep SmolLM.", {"identity": True}) == 1.0
     reward.validate([("q.jsonl line 1", identity), ("g.jsonl line 1", general)])
@@ -79,6 +83,21 @@ def test_name_where_asked_rewards_the_name_on_identity_rows_only_and_penalises_l
         reward.validate([("g.jsonl line 1", general)])
     with pytest.raises(ValueError, match="non-empty name"):
         NameWhereAsked(" ")
+
+
+def test_unfinished_degenerate_never_chooses_a_named_runaway():
+    # the probes count an answer without an end within the budget as degenerate; so does the reward with the option
+    reward = WeightedReward([RewardTerm("dpo_lightning.pairs.verifiable.NameWhereAsked",
+                                        {"name": "Deep SmolLM", "unfinished_degenerate": True})], length_penalty=0.002)
+    row = ("q.jsonl line 1", {"prompt": "Who are you?", "reference": "I'm {name}."})
+    runaway = Answer("I'm Deep SmolLM. Column A: name; column B: date; column C: the total of", False, 128)
+    unnamed, named = Answer("I'm SmolLM.", True, 5), Answer("I'm Deep SmolLM.", True, 6)
+    [group] = reward.score([row], [[runaway, unnamed]])
+    assert [s.terms["NameWhereAsked"] for s in group] == [0.0, 0.0]
+    assert pick_pair(group, min_gap=0.5)[0] is None  # 1 - 0.256 against 0 - 0.01 would pick the runaway
+    [group] = reward.score([row], [[runaway, unnamed, named]])
+    chosen, rejected = pick_pair(group, min_gap=0.5)[0]
+    assert (chosen.answer, rejected.answer) == (named, runaway)
 
 
 def test_weighted_sum_with_length_penalty_by_hand():

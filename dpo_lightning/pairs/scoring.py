@@ -107,7 +107,7 @@ class WeightedReward:
             values = []
             for k, (i, answer) in enumerate(flat):
                 try:
-                    values.append(reward.check(answer.text, rows[i][1]))
+                    values.append(reward.check_answer(answer, rows[i][1]))
                 except Exception as error:  # noqa: BLE001 - reported with the prompt and answer it failed on
                     raise failed(k, f"raised {type(error).__name__}: {error}") from error
         else:

@@ -12,12 +12,14 @@ import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from ..eval.generation import Answer
 from ..eval.probes import degeneracy
 from .rewards import import_attribute
 
 
 class VerifiableReward:
-    """Base class: :meth:`check` scores one answer given its prompt row; :meth:`validate` checks the rows first.
+    """Base class: :meth:`check` scores one answer's text given its prompt row; :meth:`validate` checks the rows
+    first; :meth:`check_answer` is what the scorer calls, for rewards that also read whether the answer finished.
 
     Args:
         field: the prompt row's field holding what the answer is checked against (None: no field needed).
@@ -35,6 +37,10 @@ class VerifiableReward:
 
     def check(self, answer: str, row: dict[str, Any]) -> float:
         raise NotImplementedError
+
+    def check_answer(self, answer: Answer, row: dict[str, Any]) -> float:
+        """The score of one generated answer: :meth:`check` of its text."""
+        return self.check(answer.text, row)
 
 
 def _normal(text: str, ignore_case: bool) -> str:
@@ -153,7 +159,8 @@ class WordsUsed(VerifiableReward):
 class NameWhereAsked(VerifiableReward):
     """1 for an answer that says ``name`` to an identity question, or that leaves it out of any other answer; minus
     ``degenerate_penalty`` for a degenerate answer (:func:`dpo_lightning.eval.probes.degeneracy`: a loop such as
-    "Deep SmolLM, Deep SmolLM, ..."). An identity question is a row that has ``field``: in the identity prompt files
+    "Deep SmolLM, Deep SmolLM, ...", and with ``unfinished_degenerate`` a sampled answer that runs out of the token
+    budget, as the probes count it). An identity question is a row that has ``field``: in the identity prompt files
     each question carries its ``reference`` answer, a general question (where the name must not spread) has none.
     For on-policy rounds on identity and general prompts together (``configs/iterate_identity.yaml``).
 
@@ -162,14 +169,16 @@ class NameWhereAsked(VerifiableReward):
         field: the row field that marks an identity question.
         ignore_case: match the name without regard to case.
         degenerate_penalty: subtracted from degenerate answers.
+        unfinished_degenerate: count an answer without an end within the sampling budget as degenerate. A round
+            then also pairs a finished answer against one that runs on where both are right or both wrong.
     """
 
     def __init__(self, name: str, field: str = "reference", ignore_case: bool = True,
-                 degenerate_penalty: float = 1.0) -> None:
+                 degenerate_penalty: float = 1.0, unfinished_degenerate: bool = False) -> None:
         if not name.strip():
             raise ValueError("NameWhereAsked needs a non-empty name")
         self.name, self.field, self.ignore_case = name, field, ignore_case
-        self.degenerate_penalty = degenerate_penalty
+        self.degenerate_penalty, self.unfinished_degenerate = degenerate_penalty, unfinished_degenerate
         self._wanted = _normal(name, ignore_case)  # the name as answers are compared, once
 
     def validate(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -178,7 +187,10 @@ class NameWhereAsked(VerifiableReward):
                              "question for NameWhereAsked; give the identity prompt file, or the field that marks "
                              "its rows")
 
-    def check(self, answer: str, row: dict[str, Any]) -> float:
+    def check(self, answer: str, row: dict[str, Any], finished: bool = True) -> float:
         said = self._wanted in _normal(answer, self.ignore_case)
         right = said if row.get(self.field) is not None else not said
-        return float(right) - (self.degenerate_penalty if degeneracy(answer) is not None else 0.0)
+        return float(right) - (self.degenerate_penalty if degeneracy(answer, finished) is not None else 0.0)
+
+    def check_answer(self, answer: Answer, row: dict[str, Any]) -> float:
+        return self.check(answer.text, row, answer.finished or not self.unfinished_degenerate)
