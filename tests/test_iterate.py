@@ -151,6 +151,45 @@ def test_a_rerun_with_fewer_rounds_keeps_the_later_rounds_in_the_record(straight
     assert (out / "rounds.json").read_text() == before
 
 
+def test_greedy_sample_adds_the_policys_greedy_answer_to_each_group(straight_run, tiny_model_dir, tmp_path):
+    """With greedy_sample the samples are the plain run's, plus the greedy answer last; the pairs are picked over
+    all of them, and the record counts the pairs the greedy answer is chosen and rejected in."""
+    from dpo_lightning.eval.generation import chat_messages, generate_answers, render_prompt
+    from dpo_lightning.model.loading import load_causal_lm, load_tokenizer
+
+    _, straight, _ = straight_run
+    config = iterate_config(tmp_path, tiny_model_dir, tmp_path / "no-kill", greedy_sample=True, rounds=1)
+    out = tmp_path / "run"
+    iterate_cli(config, out)
+    samples = read_jsonl(out / "round_1" / "samples.jsonl")
+    plain = read_jsonl(straight / "round_1" / "samples.jsonl")
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir, "float32")
+    greedy = generate_answers(model, tokenizer, [render_prompt(tokenizer, chat_messages(s["prompt"], s["system"]))
+                                                 for s in samples], max_new_tokens=8)
+    rows = {r["prompt"]: r for r in read_jsonl(yaml.safe_load(open(config))["prompts_path"])}
+    for s, p, (g,) in zip(samples, plain, greedy):
+        assert (s["prompt"], s["system"]) == (p["prompt"], p["system"])
+        assert s["answers"][:3] == p["answers"]
+        last = s["answers"][3]
+        assert (last["text"], last["finished"], last["num_tokens"], last["greedy"]) == \
+            (g.text, g.finished, g.num_tokens, True)
+        assert last["reward"] == pytest.approx(expected_reward(g.text, rows[s["prompt"]]["answer"], g.num_tokens))
+        assert not any("greedy" in a for a in s["answers"][:3])
+    pairs = read_jsonl(out / "round_1" / "pairs.jsonl")
+    by_prompt = {s["prompt"]: s for s in samples}
+    chosen = rejected = 0
+    for pair in pairs:
+        answers = by_prompt[pair["question"]]["answers"]
+        best, worst = max(answers, key=lambda a: a["reward"]), min(answers, key=lambda a: a["reward"])
+        assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == (best["text"], worst["text"])
+        chosen += best["text"] == answers[3]["text"]
+        rejected += worst["text"] == answers[3]["text"]
+    record = json.loads((out / "rounds.json").read_text())[1]
+    assert record["greedy"] == {"greedy_chosen": chosen, "greedy_rejected": rejected}
+    assert record["pairs"] == len(pairs) and chosen + rejected > 0
+    assert json.loads((out / "iterate.json").read_text())["greedy_sample"] is True
+
+
 def first_step_loss(round_dir):
     _, acc = scalar_tags(round_dir)
     return acc.Scalars("train/loss")[0].value

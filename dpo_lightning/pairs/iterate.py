@@ -52,7 +52,7 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
             output_dir: str = "lightning_logs/iterate", reference: Literal["initial", "previous"] = "initial",
             train_pairs: Literal["round", "accumulated"] = "round",
             prompts_per_round: Optional[int] = None, num_samples: int = 4, temperature: float = 1.0,
-            top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16,
+            top_p: float = 1.0, greedy_sample: bool = False, max_new_tokens: int = 128, batch_size: int = 16,
             system_prompts: Sequence[Optional[str]] = (None,), length_penalty: float = 0.0, min_reward_gap: float = 0.0,
             mark_unfinished: bool = False, eval_prompts_path: Optional[str] = None,
             eval_system_prompt: Optional[str] = None, seed: int = 0,
@@ -80,6 +80,9 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
         num_samples: answers sampled per prompt (at least 2).
         temperature: sampling temperature.
         top_p: nucleus sampling threshold.
+        greedy_sample: add the policy's greedy answer to each prompt's ``num_samples`` samples (last in the group,
+            marked ``"greedy": true`` in ``samples.jsonl``). The probes and ``compare`` decode greedily; a loop or
+            a missing name that shows only in the greedy answer is otherwise never rejected.
         max_new_tokens: answer length budget for sampling and evaluation.
         batch_size: prompts per generation batch.
         system_prompts: system messages the prompts are asked under, one drawn per prompt and round so each is used
@@ -136,7 +139,8 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
             start = (r - 1) * per_round  # the next prompts of the seeded order, wrapping around
             picked = [rows[order[(start + k) % len(rows)]] for k in range(min(per_round, len(rows)))]
             samples, sample_stats = _samples(round_dir, r, policy, picked, scorer, system_prompts, seed, num_samples,
-                                             temperature, top_p, max_new_tokens, batch_size, dtype, trust)
+                                             temperature, top_p, greedy_sample, max_new_tokens, batch_size, dtype,
+                                             trust)
             counts = write_pairs(round_dir, samples, min_reward_gap, mark_unfinished, load_tokenizer(policy, trust))
             trained = accumulate_pairs(output_dir, r) if train_pairs == "accumulated" else counts["kept"]
             metrics = run_fit(round_dir, fit_path, r)
@@ -144,7 +148,10 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
             record = {"round": r, "policy": policy, "reference": ref, "export": export, "samples": sample_stats,
                       "prompts": len(picked), "pairs": counts["kept"], "train_pairs": trained,
                       "usable_share": counts["kept"] / max(1, len(picked)),
-                      "dropped": {k: v for k, v in counts.items() if k != "kept"}, "fit": metrics,
+                      "dropped": {k: v for k, v in counts.items() if k.startswith("dropped")},
+                      **({"greedy": {k: counts[k] for k in ("greedy_chosen", "greedy_rejected")}}
+                         if greedy_sample else {}),
+                      "fit": metrics,
                       "eval": _evaluate(round_dir, export, eval_rows, scorer, max_new_tokens, batch_size,
                                         eval_system_prompt, dtype, trust),
                       "seconds": round(time.time() - started, 1)}
@@ -166,8 +173,8 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
 
 # what a resumed run must share (the batch size too: it decides which random numbers each sampled answer draws)
 SETTINGS = ("fit", "prompts_path", "reference", "train_pairs", "prompts_per_round", "num_samples", "temperature",
-            "top_p", "max_new_tokens", "batch_size", "system_prompts", "length_penalty", "min_reward_gap",
-            "mark_unfinished", "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
+            "top_p", "greedy_sample", "max_new_tokens", "batch_size", "system_prompts", "length_penalty",
+            "min_reward_gap", "mark_unfinished", "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
 
 
 def _claim(output_dir: str, settings: dict[str, Any]) -> None:
@@ -197,8 +204,10 @@ def _load(path: str, dtype: str, trust: bool) -> tuple[Any, Any]:
 
 def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]], scorer: WeightedReward,
              system_prompts: Sequence[Optional[str]], seed: int, num_samples: int, temperature: float, top_p: float,
-             max_new_tokens: int, batch_size: int, dtype: str, trust: bool) -> tuple[list[dict], dict[str, Any]]:
-    """The round's scored samples: read back when a run already wrote them, else sampled from ``policy``."""
+             greedy: bool, max_new_tokens: int, batch_size: int, dtype: str,
+             trust: bool) -> tuple[list[dict], dict[str, Any]]:
+    """The round's scored samples (with ``greedy``, the greedy answer last in each group): read back when a run
+    already wrote them, else sampled from ``policy``."""
     path = os.path.join(round_dir, "samples.jsonl")
     if not os.path.exists(path):
         tokenizer, model = _load(policy, dtype, trust)
@@ -209,6 +218,10 @@ def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]]
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    num_return_sequences=num_samples, do_sample=True, temperature=temperature,
                                    top_p=top_p, seed=seed + r, progress=f"round {r}: sampling from {policy}")
+        if greedy:
+            greedy_answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, progress=f"round {r}: greedy answers")
+            answers = [group + extra for group, extra in zip(answers, greedy_answers)]
         del model
         gc.collect()
         scored = scorer.score(picked, answers)
@@ -216,7 +229,8 @@ def _samples(round_dir: str, r: int, policy: str, picked: list[tuple[str, dict]]
             for (where, row), system, group in zip(picked, systems, scored):
                 f.write(json.dumps({"where": where, "prompt": row["prompt"], "system": system, "answers": [
                     {"text": s.answer.text, "finished": s.answer.finished, "num_tokens": s.answer.num_tokens,
-                     "reward": s.reward, "terms": s.terms} for s in group]}, ensure_ascii=False) + "\n")
+                     "reward": s.reward, "terms": s.terms, **({"greedy": True} if k == num_samples else {})}
+                    for k, s in enumerate(group)]}, ensure_ascii=False) + "\n")
     with open(path, encoding="utf-8") as f:
         samples = [json.loads(line) for line in f]
     rewards = [a["reward"] for s in samples for a in s["answers"]]

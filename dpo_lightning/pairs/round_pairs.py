@@ -17,7 +17,8 @@ from .scoring import Scored, pick_pair
 def write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfinished: bool,
                 tokenizer: Any) -> Counter:
     """Best and worst answer of each prompt as a pair (``pairs.jsonl``; plain text when ``tokenizer``, the
-    policy's, has no chat template); returns the kept and dropped counts."""
+    policy's, has no chat template); returns the kept and dropped counts, and where the samples hold a greedy
+    answer, how many pairs it is chosen (``greedy_chosen``) and rejected (``greedy_rejected``) in."""
     counts: Counter = Counter(kept=0)
     out = []
     for s in samples:
@@ -28,6 +29,10 @@ def write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfini
             counts[why] += 1
             continue
         chosen, rejected = pair
+        greedy = [a for a in s["answers"] if a.get("greedy")]
+        if greedy:
+            counts["greedy_chosen"] += chosen.answer.text == greedy[0]["text"]
+            counts["greedy_rejected"] += rejected.answer.text == greedy[0]["text"]
         out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
                             mark_unfinished and not chosen.answer.finished,
                             mark_unfinished and not rejected.answer.finished,
