@@ -29,10 +29,10 @@ def write_pairs(round_dir: str, samples: list[dict], min_gap: float, mark_unfini
             counts[why] += 1
             continue
         chosen, rejected = pair
-        greedy = [a for a in s["answers"] if a.get("greedy")]
-        if greedy:
-            counts["greedy_chosen"] += chosen.answer.text == greedy[0]["text"]
-            counts["greedy_rejected"] += rejected.answer.text == greedy[0]["text"]
+        greedy = next((a["text"] for a in s["answers"] if a.get("greedy")), None)
+        if greedy is not None:
+            counts["greedy_chosen"] += chosen.answer.text == greedy
+            counts["greedy_rejected"] += rejected.answer.text == greedy
         out.append(pair_row(s["prompt"], s["system"], chosen.answer.text, rejected.answer.text, "on_policy",
                             mark_unfinished and not chosen.answer.finished,
                             mark_unfinished and not rejected.answer.finished,
