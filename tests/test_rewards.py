@@ -227,6 +227,31 @@ def test_iterate_refuses_bad_settings_before_loading_a_model(iterate_inputs, tmp
         iterate(**iterate_inputs)
 
 
+def test_a_setting_an_earlier_iterate_json_lacks_reads_as_its_default(tmp_path):
+    """A folder whose iterate.json has no key for a setting (written before the setting existed) ran with it at
+    its default: the same command continues there; the setting at another value is refused, by name."""
+    from dpo_lightning.pairs.iterate import SETTINGS, _claim
+
+    run = tmp_path / "run"
+    settings = {k: None for k in SETTINGS}  # as iterate writes them: every setting, the defaults as JSON reads them
+    settings.update(fit={"model": {"model_name_or_path": "m"}}, prompts_path="p.jsonl", reference="initial",
+                    train_pairs="round", num_samples=4, temperature=1.0, top_p=1.0, greedy_sample=False,
+                    max_new_tokens=128, batch_size=16, system_prompts=[None], length_penalty=0.0,
+                    min_reward_gap=0.0, mark_unfinished=False, seed=3, dtype="float32")
+    _claim(str(run), settings)
+    (run / "round_1").mkdir()
+    (run / "round_1" / "pairs.jsonl").write_text("{}\n")
+    older = {k: v for k, v in settings.items() if k not in ("greedy_sample", "system_prompts")}
+    (run / "iterate.json").write_text(json.dumps(older))
+    _claim(str(run), settings)
+    assert json.loads((run / "iterate.json").read_text()) == settings
+    (run / "iterate.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"other settings \(greedy_sample\)"):
+        _claim(str(run), {**settings, "greedy_sample": True})
+    with pytest.raises(ValueError, match=r"other settings \(system_prompts\)"):
+        _claim(str(run), {**settings, "system_prompts": ["be brief ."]})
+
+
 def test_a_run_that_gave_no_pair_reruns_in_its_folder_with_corrected_settings(iterate_inputs, capsys):
     """The tiny random model never answers 4: no prompt gives a pair. The error says what to change; the changed
     command then runs in the same folder and samples again."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import inspect
 import json
 import os
 import random
@@ -177,12 +178,20 @@ SETTINGS = ("fit", "prompts_path", "reference", "train_pairs", "prompts_per_roun
             "min_reward_gap", "mark_unfinished", "eval_prompts_path", "eval_system_prompt", "seed", "dtype")
 
 
+def _defaults() -> dict[str, Any]:
+    """The ``SETTINGS`` that have a default in ``iterate``'s signature, at that default."""
+    parameters = inspect.signature(iterate).parameters
+    return {k: parameters[k].default for k in SETTINGS if parameters[k].default is not inspect.Parameter.empty}
+
+
 def _claim(output_dir: str, settings: dict[str, Any]) -> None:
     """Record the settings in ``output_dir``; refuse a directory that holds a run with other settings."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "iterate.json")
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
     earlier = read_json(path)
+    if earlier is not None:  # a setting the file lacks (it predates the setting) ran at the setting's default
+        earlier = {**json.loads(json.dumps(_defaults())), **earlier}
     if earlier is not None and earlier != settings:
         changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
         rounds = [d for d in glob.glob(os.path.join(glob.escape(output_dir), "round_*")) if os.path.isdir(d)]
