@@ -45,7 +45,7 @@ from .build import SystemPromptDeck
 from .checks import check_sampling
 from .round_fit import check_fit_config, fit_sections, run_fit, write_fit_config
 from .round_pairs import accumulate_pairs, write_pairs
-from .rounds import read_json, write_record
+from .rounds import print_round, read_json, write_record
 from .scoring import RewardTerm, WeightedReward
 
 
@@ -160,7 +160,7 @@ def iterate(fit: Union[str, dict], prompts_path: Union[str, list[str]], rewards:
                 json.dump(record, f, indent=2, ensure_ascii=False)
         records.append(record)
         write_record(output_dir, records)
-        _print_round(record)
+        print_round(record)
     later = rounds + 1  # rounds an earlier, longer run finished stay in the record
     while (record := read_json(os.path.join(output_dir, f"round_{later}", "round.json"))) is not None:
         records.append(record)
@@ -287,21 +287,6 @@ def _round_zero(output_dir: str, initial: str, eval_rows: list[tuple[str, dict]]
                                                                    dtype, trust)}
         with atomic_open(os.path.join(round_dir, "round.json"), encoding="utf-8") as f:
             json.dump(record, f, indent=2, ensure_ascii=False)
-    _print_round(record)
+    print_round(record)
     return record
 
-
-def _print_round(record: dict[str, Any]) -> None:
-    parts = [f"round {record['round']}"]
-    if "samples" in record:
-        s = record["samples"]
-        parts.append(f"samples reward {s['reward_mean']:.3f} [{s['reward_min']:.3g}, {s['reward_max']:.3g}]")
-        parts.append(f"{record['pairs']} pairs from {record['prompts']} prompts ({record['usable_share']:.0%})")
-        if record.get("train_pairs", record["pairs"]) != record["pairs"]:
-            parts.append(f"trained on {record['train_pairs']} pairs")
-    if record.get("eval"):
-        parts.append(f"held-out reward {record['eval']['reward_mean']:.3f}")
-    for tag in ("val/probes/name_rate", "val/probes/degenerate_rate"):
-        if tag in (record.get("fit") or {}):
-            parts.append(f"{tag.rpartition('/')[2]} {record['fit'][tag]:.3f}")
-    print("[dpo_lightning] " + " | ".join(parts), flush=True)

@@ -1,5 +1,5 @@
-"""The round-by-round record of ``iterate``: ``rounds.json``, TensorBoard scalars under ``round/``, and a plot of
-the figures against the round (``rounds.png``, also logged to TensorBoard as an image).
+"""The round-by-round record of ``iterate``: ``rounds.json``, TensorBoard scalars under ``round/``, a plot of the
+figures against the round (``rounds.png``, also logged to TensorBoard as an image), and each round's line in the log.
 
 One record per round; round 0 is the initial model (its held-out evaluation only). The figures plotted are the
 samples' reward (mean, min, max), the share of prompts that gave a pair, the held-out reward, the DPO metrics of
@@ -145,3 +145,20 @@ def read_json(path: str) -> Optional[Any]:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def print_round(record: dict[str, Any]) -> None:
+    """One line for the log: the round's sample rewards, pairs, held-out reward and probes."""
+    parts = [f"round {record['round']}"]
+    if "samples" in record:
+        s = record["samples"]
+        parts.append(f"samples reward {s['reward_mean']:.3f} [{s['reward_min']:.3g}, {s['reward_max']:.3g}]")
+        parts.append(f"{record['pairs']} pairs from {record['prompts']} prompts ({record['usable_share']:.0%})")
+        if record.get("train_pairs", record["pairs"]) != record["pairs"]:
+            parts.append(f"trained on {record['train_pairs']} pairs")
+    if record.get("eval"):
+        parts.append(f"held-out reward {record['eval']['reward_mean']:.3f}")
+    for tag in ("val/probes/name_rate", "val/probes/degenerate_rate"):
+        if tag in (record.get("fit") or {}):
+            parts.append(f"{tag.rpartition('/')[2]} {record['fit'][tag]:.3f}")
+    print("[dpo_lightning] " + " | ".join(parts), flush=True)
