@@ -10,7 +10,15 @@ import pytest
 from dpo_lightning.eval.generation import Answer
 from dpo_lightning.pairs.iterate import iterate
 from dpo_lightning.pairs.scoring import RewardError, RewardTerm, Scored, WeightedReward, pick_pair
-from dpo_lightning.pairs.verifiable import ExactMatch, FinalAnswer, NameWhereAsked, PythonCheck, WordsUsed
+from dpo_lightning.pairs.verifiable import (
+    ExactMatch,
+    FinalAnswer,
+    NameWhereAsked,
+    PythonCheck,
+    SameScript,
+    WordsUsed,
+    writes_cjk,
+)
 
 from conftest import write_jsonl
 
@@ -98,6 +106,42 @@ def test_unfinished_degenerate_never_chooses_a_named_runaway():
     [group] = reward.score([row], [[runaway, unnamed, named]])
     chosen, rejected = pick_pair(group, min_gap=0.5)[0]
     assert (chosen.answer, rejected.answer) == (named, runaway)
+
+
+def test_same_script_counts_cjk_characters_against_latin_words():
+    assert writes_cjk("我是Deep SmolLM，Deep Team开发的AI助手。") is True  # 7 characters against 5 words
+    assert writes_cjk("I'm Deep SmolLM, 一个AI助手.") is False  # 4 characters against 5 words
+    assert writes_cjk("こんにちは、Deep SmolLMです") is True and writes_cjk("안녕하세요") is True
+    assert writes_cjk("Ça va très bien.") is False
+    assert writes_cjk("42 + 7 = 49") is None
+    check, zh, en = SameScript(), {"prompt": "我同事想认识你，你能介绍一下自己吗？"}, {"prompt": "Who made you?"}
+    assert check.check("你好！我是Deep SmolLM。", zh) == 1.0
+    assert check.check("Hi! I'm Deep SmolLM, an AI assistant.", zh) == 0.0
+    assert check.check("Hi! I'm Deep SmolLM, an AI assistant.", en) == 1.0
+    assert check.check("我是Deep SmolLM。", en) == 0.0
+    assert check.check("49", zh) == 1.0 and check.check("...", en) == 1.0  # no words: nothing to compare
+    check.validate([("q.jsonl line 1", zh)])  # reads only the prompt
+
+
+def test_same_script_keeps_a_language_switch_out_of_the_pairs():
+    # a Chinese greeting: the loop says the name twice, one sample answers in English, one in Chinese
+    name = RewardTerm("dpo_lightning.pairs.verifiable.NameWhereAsked", {"name": "Deep SmolLM"}, name="name")
+    script = RewardTerm("dpo_lightning.pairs.verifiable.SameScript", name="script")
+    row = ("q.jsonl line 1", {"prompt": "我同事想认识你，你能介绍一下自己吗？", "reference": "我是{name}。"})
+    loop = Answer("我是Deep SmolLM，Deep Team开发的AI助手。我是Deep SmolLM，Deep Team开发的AI助手。", True, 30)
+    english = Answer("Hi! I'm Deep SmolLM.", True, 8)
+    chinese = Answer("你好，我是Deep SmolLM，很高兴认识你。", True, 14)
+    plain, both = WeightedReward([name], length_penalty=0.002), WeightedReward([name, script], length_penalty=0.002)
+    # by hand: the loop 1 - 1 (+ 1) - 0.06; English 1 (+ 0) - 0.016; Chinese 1 (+ 1) - 0.028
+    [group] = both.score([row], [[loop, english, chinese]])
+    assert [s.reward for s in group] == pytest.approx([0.94, 0.984, 1.972])
+    assert [s.terms["script"] for s in group] == [1.0, 0.0, 1.0]
+    chosen, rejected = pick_pair(group, min_gap=0.5)[0]
+    assert (chosen.answer, rejected.answer) == (chinese, loop)
+    [group] = plain.score([row], [[loop, english]])
+    assert [s.answer for s in pick_pair(group, min_gap=0.5)[0]] == [english, loop]  # the name alone: a switch
+    [group] = both.score([row], [[loop, english]])
+    assert pick_pair(group, min_gap=0.5)[0] is None  # 0.984 against 0.94
 
 
 def test_weighted_sum_with_length_penalty_by_hand():

@@ -1,6 +1,6 @@
 """Verifiable rewards: a check of one answer against its prompt row (exact match, a final answer found by a regular
-expression, the words a prompt asks for, a new name where the row asks who the model is, or any Python function
-such as a unit test), scoring ``weight`` when it passes.
+expression, the words a prompt asks for, a new name where the row asks who the model is, an answer in the question's
+script, or any Python function such as a unit test), scoring ``weight`` when it passes.
 
 Each is named by import path in a reward list (``iterate --rewards``, ``build-pairs --reward``) and reads the
 expected value from a field of the prompt row, e.g. ``{"prompt": "What is 17 + 25?", "answer": "42"}``.
@@ -194,3 +194,31 @@ class NameWhereAsked(VerifiableReward):
 
     def check_answer(self, answer: Answer, row: dict[str, Any]) -> float:
         return self.check(answer.text, row, answer.finished or not self.unfinished_degenerate)
+
+
+# Han, kana and hangul: one character is one word of a CJK text
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+
+
+def writes_cjk(text: str) -> Optional[bool]:
+    """Whether ``text`` is mostly Chinese, Japanese or Korean: at least half its words are CJK characters, each
+    counted as a word, against Latin-alphabet words ("我是Deep SmolLM，Deep Team开发的AI助手。": 7 against 5, so
+    CJK). None for a text with neither (digits, symbols)."""
+    cjk, latin = len(_CJK.findall(text)), len(_LATIN_WORD.findall(text))
+    return None if cjk + latin == 0 else cjk >= latin
+
+
+class SameScript(VerifiableReward):
+    """1 when the answer is written in the question's script, CJK or Latin (:func:`writes_cjk`), else 0; 1 when
+    either has no words. The question is the row's ``prompt``; no other field is read.
+
+    Beside :class:`NameWhereAsked` at the same weight, an answer in the other script is as wrong as one without the
+    name: a right English answer to a Chinese question ties with a Chinese loop (no pair, where the name alone pairs
+    them and teaches a change of language as the way out of a loop) and loses to a right Chinese answer."""
+
+    field = None
+
+    def check(self, answer: str, row: dict[str, Any]) -> float:
+        asked, answered = writes_cjk(row["prompt"]), writes_cjk(answer)
+        return float(asked is None or answered is None or asked == answered)
