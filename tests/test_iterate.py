@@ -153,14 +153,15 @@ def test_a_rerun_with_fewer_rounds_keeps_the_later_rounds_in_the_record(straight
 
 def test_greedy_sample_adds_the_policys_greedy_answer_to_each_group(straight_run, tiny_model_dir, tmp_path):
     """With greedy_sample the samples are the plain run's, plus the greedy answer last; the pairs are picked over
-    all of them, and the record counts the pairs the greedy answer is chosen and rejected in."""
+    all of them, and the record and the round's log line count the pairs the greedy answer is chosen and rejected
+    in."""
     from dpo_lightning.eval.generation import chat_messages, generate_answers, render_prompt
     from dpo_lightning.model.loading import load_causal_lm, load_tokenizer
 
     _, straight, _ = straight_run
     config = iterate_config(tmp_path, tiny_model_dir, tmp_path / "no-kill", greedy_sample=True, rounds=1)
     out = tmp_path / "run"
-    iterate_cli(config, out)
+    printed = iterate_cli(config, out)
     samples = read_jsonl(out / "round_1" / "samples.jsonl")
     plain = read_jsonl(straight / "round_1" / "samples.jsonl")
     tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir, "float32")
@@ -186,6 +187,7 @@ def test_greedy_sample_adds_the_policys_greedy_answer_to_each_group(straight_run
         rejected += worst["text"] == answers[3]["text"]
     record = json.loads((out / "rounds.json").read_text())[1]
     assert record["greedy"] == {"greedy_chosen": chosen, "greedy_rejected": rejected}
+    assert f"greedy answer chosen {chosen}, rejected {rejected}" in printed
     assert record["pairs"] == len(pairs) and chosen + rejected > 0
     assert json.loads((out / "iterate.json").read_text())["greedy_sample"] is True
 

@@ -156,6 +156,8 @@ def print_round(record: dict[str, Any]) -> None:
         parts.append(f"{record['pairs']} pairs from {record['prompts']} prompts ({record['usable_share']:.0%})")
         if record.get("train_pairs", record["pairs"]) != record["pairs"]:
             parts.append(f"trained on {record['train_pairs']} pairs")
+        if greedy := record.get("greedy"):
+            parts.append(f"greedy answer chosen {greedy['greedy_chosen']}, rejected {greedy['greedy_rejected']}")
     if record.get("eval"):
         parts.append(f"held-out reward {record['eval']['reward_mean']:.3f}")
     for tag in ("val/probes/name_rate", "val/probes/degenerate_rate"):
